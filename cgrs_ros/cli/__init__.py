@@ -16,6 +16,7 @@ from cgrs_ros.engine.errors import CgrsError
 # Subcommand modules, in the order --help lists them.
 SUBCOMMAND_MODULES = (
     'info',
+    'eval',
 )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import re
 
 from cgrs_ros.engine.errors import GalleryError, QueryError
+from cgrs_ros.engine.storage import atomic_write_text
 
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 SUBMISSION_TOP_K = 10
@@ -312,8 +313,6 @@ def write_track4_submission(path, rankings, top_k=SUBMISSION_TOP_K):
     Lines follow the order given; ids beyond ``top_k`` are dropped. The file is written
     atomically. Returns the number of lines written.
     """
-    from cgrs_ros.engine.evaluation.report import atomic_write_text
-
     lines = [format_submission_line(qid, ids, top_k) for qid, ids in rankings]
     atomic_write_text(path, '\n'.join(lines) + '\n')
     return len(lines)

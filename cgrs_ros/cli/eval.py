@@ -1,0 +1,185 @@
+"""``cgrs eval``: Recall@K on GeoText-1652, RoboSense Track 4 and project galleries.
+
+Subcommands::
+
+    cgrs eval geotext --ann TEST.json --images ROOT [--methods coarse,rerank,hybrid] ...
+    cgrs eval track4 --queries Q.txt --gallery DIR [--gt GT] [--submission OUT.txt] ...
+    cgrs eval track4 --from-submission SUB.txt --gt GT     (score a finished submission)
+    cgrs eval gallery GALLERY --queries QUERIES.csv ...
+    cgrs eval compare A.json B.json                         (deltas between two reports)
+    cgrs eval plot REPORT.json --out OUT.png                (re-plot a report)
+"""
+
+import json
+import sys
+
+from cgrs_ros.engine.errors import CgrsError
+
+
+def _print_json(value):
+    print(json.dumps(value, indent=2))
+
+
+def _finish(report, args):
+    """Write the report and plot a run asked for, then print it as a table or JSON."""
+    from cgrs_ros.engine.evaluation import report as report_mod
+
+    if getattr(args, 'report', None):
+        report_mod.write_report(args.report, report)
+    if getattr(args, 'plot', None):
+        from cgrs_ros.engine.evaluation.plots import write_report_png
+        write_report_png(report, args.plot)
+    if args.json:
+        _print_json(report)
+    else:
+        print(report_mod.format_report(report))
+        for problem in report.get('problems', [])[:10]:
+            print(f'skipped: {problem}', file=sys.stderr)
+        if getattr(args, 'report', None):
+            print(f'report: {args.report}')
+        if getattr(args, 'plot', None):
+            print(f'plot: {args.plot}')
+    return 0
+
+
+def _methods(args):
+    from cgrs_ros.engine.evaluation.runner import parse_methods
+    return parse_methods(args.methods)
+
+
+def run_geotext(args):
+    """Evaluate every GeoText-1652 caption as a text->image query."""
+    from cgrs_ros.engine.evaluation import runner
+
+    report = runner.evaluate_geotext(
+        args.ann, args.images, config_path=args.config, methods=_methods(args),
+        state_dir=args.state_dir, limit=args.limit, progress=not args.json)
+    return _finish(report, args)
+
+
+def run_track4(args):
+    """Run (or score) RoboSense Track 4: write the submission, score it when --gt is given."""
+    from cgrs_ros.engine.evaluation import runner
+
+    if args.from_submission:
+        if not args.gt:
+            raise CgrsError('--from-submission needs --gt with the ground truth to score '
+                            'against')
+        report = runner.score_track4_submission(args.from_submission, args.gt,
+                                                queries_path=args.queries)
+        return _finish(report, args)
+    if not args.queries or not args.gallery:
+        raise CgrsError('cgrs eval track4 needs --queries and --gallery (or --from-submission '
+                        'with --gt)')
+    report = runner.evaluate_track4(
+        args.queries, args.gallery, gt_path=args.gt, submission_path=args.submission,
+        config_path=args.config, methods=_methods(args), state_dir=args.state_dir,
+        limit=args.limit, progress=not args.json)
+    return _finish(report, args)
+
+
+def run_gallery(args):
+    """Evaluate a project gallery (manifest with group_id) on a query CSV."""
+    from cgrs_ros.engine.evaluation import runner
+
+    report = runner.evaluate_gallery(
+        args.gallery, args.queries, config_path=args.config, methods=_methods(args),
+        state_dir=args.state_dir, limit=args.limit, progress=not args.json)
+    return _finish(report, args)
+
+
+def run_compare(args):
+    """Print the metric and latency deltas from report A to report B."""
+    from cgrs_ros.engine.evaluation import report as report_mod
+
+    a = report_mod.load_report(args.a)
+    b = report_mod.load_report(args.b)
+    rows = report_mod.compare_reports(a, b)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(report_mod.format_comparison(rows, args.a, args.b))
+    return 0
+
+
+def run_plot(args):
+    """Draw the Recall@K curves and latency histograms of a saved report."""
+    from cgrs_ros.engine.evaluation import report as report_mod
+    from cgrs_ros.engine.evaluation.plots import write_report_png
+
+    write_report_png(report_mod.load_report(args.report_file), args.out)
+    print(f'plot: {args.out}')
+    return 0
+
+
+def _add_run_options(parser, methods_default='coarse,rerank,hybrid'):
+    parser.add_argument('--config', metavar='FILE', help='engine config YAML (default: built-in)')
+    parser.add_argument('--methods', default=methods_default,
+                        help='comma-separated retrieval methods to compare: coarse (image '
+                             'embedding only), rerank (coarse top-k re-ordered by caption '
+                             'similarity), hybrid (caption channel searches the whole gallery '
+                             f'too); default {methods_default}')
+    parser.add_argument('--state-dir', metavar='DIR',
+                        help='where the index and caption store live (default: beside the '
+                             'gallery, or under the images root for benchmarks)')
+    parser.add_argument('--limit', type=int, metavar='N',
+                        help='evaluate only the first N queries (a quick look)')
+    parser.add_argument('--json', action='store_true', help='print the report as JSON')
+    parser.add_argument('--plot', metavar='OUT.png',
+                        help='write Recall@K curves and latency histograms')
+    parser.add_argument('--report', metavar='OUT.json',
+                        help='write the JSON report (compare two with cgrs eval compare)')
+
+
+def register(subparsers):
+    """Add the ``eval`` subcommand and its benchmarks."""
+    parser = subparsers.add_parser(
+        'eval', help='measure Recall@K (GeoText-1652, Track 4, project galleries)',
+        description='Measure text->image Recall@K per retrieval method, with latency per '
+                    'stage, and compare runs.')
+    sub = parser.add_subparsers(dest='eval_command', metavar='BENCHMARK')
+
+    def _help(args):
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=_help)
+
+    geotext = sub.add_parser('geotext', help='GeoText-1652 annotation JSON + images')
+    geotext.add_argument('--ann', required=True, metavar='TEST.json',
+                         help='GeoText-1652 annotation JSON (its captions are the queries)')
+    geotext.add_argument('--images', required=True, metavar='ROOT',
+                         help='folder the annotation image paths are relative to')
+    _add_run_options(geotext)
+    geotext.set_defaults(func=run_geotext)
+
+    track4 = sub.add_parser('track4', help='RoboSense 2025 Track 4 queries + image folder')
+    track4.add_argument('--queries', metavar='QUERIES.txt', help='q_00001<TAB>text lines')
+    track4.add_argument('--gallery', metavar='DIR', help='flat folder of image_<hex>.jpeg')
+    track4.add_argument('--gt', metavar='GT', help='ground truth: q_00001<TAB>image_<hex> ...')
+    track4.add_argument('--submission', metavar='OUT.txt',
+                        help='write the official submission (q1 id1 ... id10) of the first '
+                             'method')
+    track4.add_argument('--from-submission', metavar='SUB.txt',
+                        help='score an existing submission file against --gt instead of '
+                             'running retrieval')
+    _add_run_options(track4, methods_default='config')
+    track4.set_defaults(func=run_track4)
+
+    gallery = sub.add_parser('gallery', help='a project gallery with group_id + a query CSV')
+    gallery.add_argument('gallery', metavar='GALLERY', help='gallery folder (with gallery.csv)')
+    gallery.add_argument('--queries', required=True, metavar='QUERIES.csv',
+                         help='CSV with columns query, group_id (optional platform)')
+    _add_run_options(gallery)
+    gallery.set_defaults(func=run_gallery)
+
+    compare = sub.add_parser('compare', help='print the deltas between two reports')
+    compare.add_argument('a', metavar='A.json')
+    compare.add_argument('b', metavar='B.json')
+    compare.add_argument('--json', action='store_true', help='print the rows as JSON')
+    compare.set_defaults(func=run_compare)
+
+    plot = sub.add_parser('plot', help='draw a saved report as PNG')
+    plot.add_argument('report_file', metavar='REPORT.json')
+    plot.add_argument('--out', required=True, metavar='OUT.png')
+    plot.set_defaults(func=run_plot)
