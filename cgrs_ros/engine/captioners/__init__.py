@@ -1,0 +1,37 @@
+"""Captioner backends: a VLM writes one detailed caption per gallery image.
+
+``make_captioner(section)`` builds the backend named by the ``captioner`` section of the engine
+config: ``transformers`` (a local Hugging Face model) or ``openai`` (an OpenAI-compatible
+endpoint). The ``manifest`` backend (captions shipped in the manifest) is not a model; the
+caption store in ``cgrs_ros.engine.captions`` serves it.
+"""
+
+from cgrs_ros.engine.captioners.base import (
+    BACKENDS, Captioner, CaptionerSettings, CaptionOutcome)
+from cgrs_ros.engine.captioners.prompts import (
+    CHAT_PROMPTS, PLATFORMS, PREFIX_PROMPTS, PromptSet, SYSTEM_PROMPT)
+from cgrs_ros.engine.errors import ConfigError
+
+__all__ = [
+    'BACKENDS', 'CHAT_PROMPTS', 'Captioner', 'CaptionerSettings', 'CaptionOutcome', 'PLATFORMS',
+    'PREFIX_PROMPTS', 'PromptSet', 'SYSTEM_PROMPT', 'make_captioner',
+]
+
+
+def make_captioner(section):
+    """Build the captioner a ``captioner`` config section (dict or pydantic model) names.
+
+    Raises ConfigError for an invalid section or a backend that is not a model, and
+    ModelLoadError when a transformers model cannot be found.
+    """
+    settings = CaptionerSettings.from_section(section)
+    if settings.backend == 'transformers':
+        from cgrs_ros.engine.captioners.transformers_backend import TransformersCaptioner
+        return TransformersCaptioner(settings)
+    if settings.backend == 'openai':
+        from cgrs_ros.engine.captioners.openai_backend import OpenAICaptioner
+        return OpenAICaptioner(settings)
+    raise ConfigError(
+        f'captioner.backend {settings.backend!r} runs no model (it reads the manifest '
+        "descriptions through the caption store); choose 'transformers' or 'openai' to caption "
+        'images.')
