@@ -2,12 +2,11 @@
 
 import math
 
+from cgrs_ros.action import Retrieve
+from cgrs_ros.msg import Candidate, RetrievalResult
 from geometry_msgs.msg import Point, Pose, Quaternion
 import pytest
 from rclpy.serialization import deserialize_message, serialize_message
-
-from cgrs_ros.action import Retrieve
-from cgrs_ros.msg import Candidate, RetrievalResult
 
 
 def make_candidate(rank=1):

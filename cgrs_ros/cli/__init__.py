@@ -17,6 +17,8 @@ from cgrs_ros.engine.errors import CgrsError
 SUBCOMMAND_MODULES = (
     'info',
     'eval',
+    'launch',
+    'goal',
 )
 
 

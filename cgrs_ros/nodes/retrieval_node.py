@@ -1,0 +1,438 @@
+"""retrieval_node: natural-language goals in, the best matching place's pose out.
+
+Topics (relative names live in the node's namespace, ``cgrs`` in the launch file):
+
+- sub ``goal_text`` (std_msgs/String): a goal in words.
+- action ``retrieve`` (cgrs_ros/action/Retrieve): the same, with feedback, result, cancel.
+- pub ``/goal_pose`` (geometry_msgs/PoseStamped, map frame) for Nav2, ``goal_fix``
+  (sensor_msgs/NavSatFix), ``result`` (cgrs_ros/RetrievalResult), ``candidates``
+  (visualization_msgs/MarkerArray), ``/diagnostics``.
+- sub ``captions_updated`` (std_msgs/UInt32): captioning_node says new captions exist.
+
+Busy policy (bounded): one worker thread runs queries in arrival order; at most
+``max_pending`` goals wait behind the running one. A topic goal that finds the queue full
+replaces the oldest waiting topic goal ("latest instruction wins"; the replaced one gets a
+STATUS_BUSY result). An action goal that finds the queue full is finished at once with
+STATUS_BUSY (aborted), so the caller knows. Cancelling a waiting goal removes it; cancelling
+a running one discards its result before anything is published.
+"""
+
+import collections
+from dataclasses import dataclass, field
+import math
+import threading
+import time
+
+from cgrs_ros.action import Retrieve
+from cgrs_ros.engine import geo
+from cgrs_ros.engine.errors import CgrsError
+from cgrs_ros.msg import RetrievalResult
+from cgrs_ros.nodes import convert
+from cgrs_ros.nodes.parameters import declare_parameters, Param
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseStamped
+import rclpy
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
+from sensor_msgs.msg import NavSatFix
+from std_msgs.msg import String, UInt32
+from visualization_msgs.msg import MarkerArray
+
+PLATFORMS = ('satellite', 'drone', 'ground')
+
+
+def _platform_ok(value):
+    return None if value in ('', *PLATFORMS) else (
+        f'platform {value!r} is not one of satellite, drone, ground (or empty for all)')
+
+
+PARAMETERS = (
+    Param('gallery_dir', '', 'Gallery folder: manifest (gallery.csv/.jsonl) and images.',
+          read_only=True,
+          check=lambda v: None if v.strip() else 'gallery_dir is empty; set it to the gallery '
+          'folder, e.g. -p gallery_dir:=/data/gallery or gallery_dir:=... on the launch line'),
+    Param('config', '', 'Engine config YAML (models, retrieval); empty = built-in defaults.',
+          read_only=True),
+    Param('state_dir', '', 'Where indexes and captions live; empty = GALLERY/.cgrs.',
+          read_only=True),
+    Param('map_frame', 'map', 'Frame of the published poses (ENU around the datum).',
+          check=lambda v: None if v.strip() else 'map_frame must not be empty'),
+    Param('datum.latitude', math.nan, 'Datum latitude, WGS84 degrees; NaN = gallery centre.',
+          minimum=-90.0, maximum=90.0, allow_nan=True),
+    Param('datum.longitude', math.nan, 'Datum longitude, WGS84 degrees; NaN = gallery centre.',
+          minimum=-180.0, maximum=180.0, allow_nan=True),
+    Param('datum.altitude', math.nan,
+          'Datum altitude, metres above the WGS84 ellipsoid; NaN = gallery mean.',
+          minimum=-1000.0, maximum=20000.0, allow_nan=True),
+    Param('top_k', 5, 'Candidates per result (an action goal may ask for another number).',
+          minimum=1, maximum=100),
+    Param('coarse_k', 20, 'Coarse (image-text) candidates reranked by captions.',
+          minimum=1, maximum=1000),
+    Param('publish_goal_pose', True, 'Publish the best candidate on /goal_pose for Nav2.'),
+    Param('max_goal_length', 500, 'Longest goal text accepted, in characters.',
+          minimum=1, maximum=100000),
+    Param('max_pending', 1, 'Goals allowed to wait while a query runs (see busy policy).',
+          minimum=0, maximum=100),
+    Param('caption_poll_period', 5.0,
+          'Seconds between checks for new captions in the store (0 = only on notification).',
+          minimum=0.0, maximum=3600.0),
+)
+
+
+@dataclass
+class Job:
+    """One goal waiting for (or in) the worker."""
+
+    text: str
+    top_k: int
+    platform: str
+    source: str                              # 'topic' | 'action'
+    goal_handle: object = None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: RetrievalResult = None
+
+    def cancel_requested(self):
+        """Whether the action client asked to cancel this goal."""
+        return self.goal_handle is not None and self.goal_handle.is_cancel_requested
+
+    def feedback(self, stage, progress):
+        """Report progress to the action client (topic goals have nobody to tell)."""
+        if self.goal_handle is not None and self.goal_handle.is_active:
+            self.goal_handle.publish_feedback(Retrieve.Feedback(stage=stage, progress=progress))
+
+
+def validate_goal_text(text, max_length):
+    """Return the goal stripped, or raise ValueError with a reason a user can act on."""
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError('goal text is empty; send a description of the place, e.g. '
+                         '"the red-roofed building beside the circular plaza"')
+    if len(stripped) > max_length:
+        raise ValueError(f'goal text is {len(stripped)} characters, more than max_goal_length '
+                         f'({max_length}); shorten it or raise the parameter')
+    return stripped
+
+
+class RetrievalNode(Node):
+    """Runs retrievals off the executor thread and publishes the best candidate's pose."""
+
+    def __init__(self, **kwargs):
+        super().__init__('retrieval_node', **kwargs)
+        self.params = declare_parameters(self, PARAMETERS, on_change=self._on_parameter)
+        self._lock = threading.Condition()
+        self._pending = collections.deque()
+        self._running = None
+        self._stop = False
+        self._refresh_requested = False
+        self._retriever = None
+        self._engine_state = 'loading'
+        self._engine_error = ''
+        self._datum = None
+        self._served = 0
+        self._last_latency_ms = math.nan
+
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                             reliability=ReliabilityPolicy.RELIABLE)
+        self._pose_pub = self.create_publisher(PoseStamped, '/goal_pose', 1)
+        self._fix_pub = self.create_publisher(NavSatFix, 'goal_fix', 1)
+        self._result_pub = self.create_publisher(RetrievalResult, 'result', 10)
+        self._marker_pub = self.create_publisher(MarkerArray, 'candidates', latched)
+        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+
+        # raw=True: the node decodes the String itself, so text that is not UTF-8 becomes an
+        # error result instead of an exception inside the executor.
+        self.create_subscription(String, 'goal_text', self._on_goal_text, 10, raw=True)
+        self.create_subscription(UInt32, 'captions_updated', self._on_captions_updated, 10)
+        self._action = ActionServer(
+            self, Retrieve, 'retrieve', execute_callback=self._execute,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=lambda handle: CancelResponse.ACCEPT,
+            callback_group=ReentrantCallbackGroup())
+        timers = MutuallyExclusiveCallbackGroup()
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=timers)
+        if self.params['caption_poll_period'] > 0:
+            self.create_timer(self.params['caption_poll_period'], self._request_refresh,
+                              callback_group=timers)
+
+        self._worker = threading.Thread(target=self._work, name='cgrs-retrieval', daemon=True)
+        self._worker.start()
+
+    # ---- parameters -------------------------------------------------------------------
+    def _on_parameter(self, name, value):
+        self.params[name] = value
+        if name.startswith('datum.'):
+            self._datum = None  # recomputed before the next query
+
+    def _datum_now(self):
+        if self._datum is None:
+            lat, lon, alt = (self.params[f'datum.{key}']
+                             for key in ('latitude', 'longitude', 'altitude'))
+            derived = geo.datum_from_items(self._retriever.gallery.items)
+            if math.isnan(lat) or math.isnan(lon):
+                lat, lon = derived.lat, derived.lon
+                self.get_logger().info(
+                    f'datum derived from the gallery centre: lat {lat:.7f}, lon {lon:.7f}')
+            if math.isnan(alt):
+                alt = derived.alt
+            self._datum = geo.Datum(lat, lon, alt)
+        return self._datum
+
+    # ---- goals in -------------------------------------------------------------------
+    def _on_goal_text(self, raw):
+        try:
+            text = deserialize_message(raw, String).data
+        except (UnicodeDecodeError, RuntimeError, ValueError) as exc:
+            self._reject('', f'goal text could not be decoded ({type(exc).__name__}); '
+                             'publish UTF-8 text on goal_text')
+            return
+        try:
+            text = validate_goal_text(text, self.params['max_goal_length'])
+        except ValueError as exc:
+            self._reject(text[:200], str(exc))
+            return
+        job = Job(text=text, top_k=self.params['top_k'], platform='', source='topic')
+        self._enqueue(job)
+
+    def _reject(self, text, reason, status=RetrievalResult.STATUS_INVALID_GOAL, job=None):
+        self.get_logger().warning(f'goal refused: {reason}')
+        result = convert.error_message(text, status, reason, self.params['map_frame'],
+                                       self.get_clock().now().to_msg(),
+                                       job.platform if job else '')
+        self._result_pub.publish(result)
+        return result
+
+    def _enqueue(self, job):
+        """Queue ``job`` under the busy policy; return False when it was refused as busy."""
+        dropped = None
+        with self._lock:
+            if len(self._pending) >= self.params['max_pending'] and (
+                    self._running is not None or self._pending):
+                waiting_topics = [j for j in self._pending if j.source == 'topic']
+                if job.source == 'topic' and waiting_topics:
+                    dropped = waiting_topics[0]
+                    self._pending.remove(dropped)
+                else:
+                    dropped = job
+            if dropped is not job:
+                self._pending.append(job)
+                self._lock.notify_all()
+        if dropped is not None:
+            dropped.result = self._reject(
+                dropped.text, 'the node was busy and max_pending goals were already waiting; '
+                'this goal was dropped (send it again, or raise max_pending)',
+                RetrievalResult.STATUS_BUSY, dropped)
+            dropped.done.set()
+        return dropped is not job
+
+    def _execute(self, goal_handle):
+        goal = goal_handle.request
+        platform = goal.platform.strip().lower()
+        job = Job(text=goal.description, top_k=goal.top_k or self.params['top_k'],
+                  platform=platform, source='action', goal_handle=goal_handle)
+        try:
+            job.text = validate_goal_text(goal.description, self.params['max_goal_length'])
+            reason = _platform_ok(platform)
+            if reason:
+                raise ValueError(reason)
+        except ValueError as exc:
+            job.result = self._reject(goal.description[:200], str(exc), job=job)
+            goal_handle.abort()
+            return Retrieve.Result(result=job.result)
+        job.feedback('queued', 0.0)
+        if not self._enqueue(job):
+            goal_handle.abort()
+            return Retrieve.Result(result=job.result)
+        while not job.done.wait(0.05):
+            if goal_handle.is_cancel_requested:
+                with self._lock:
+                    if job in self._pending:  # still waiting: take it out now
+                        self._pending.remove(job)
+                        job.result = self._finish_canceled(job)
+                        job.done.set()
+        result = job.result
+        if result.status == RetrievalResult.STATUS_CANCELED:
+            goal_handle.canceled()
+        elif result.status == RetrievalResult.STATUS_OK:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return Retrieve.Result(result=result)
+
+    def _finish_canceled(self, job):
+        self.get_logger().info(f'goal canceled: {job.text[:80]!r}')
+        return convert.error_message(job.text, RetrievalResult.STATUS_CANCELED,
+                                     'the goal was canceled by its client',
+                                     self.params['map_frame'],
+                                     self.get_clock().now().to_msg(), job.platform)
+
+    def _on_captions_updated(self, msg):
+        self.get_logger().info(f'captioning_node reports {msg.data} captions; refreshing')
+        self._request_refresh()
+
+    def _request_refresh(self):
+        with self._lock:
+            self._refresh_requested = True
+            self._lock.notify_all()
+
+    # ---- the worker -----------------------------------------------------------------
+    def _load_engine(self):
+        from cgrs_ros.engine.config import load_config
+        from cgrs_ros.engine.indexer import index_gallery
+        from cgrs_ros.engine.retriever import Retriever
+
+        gallery = self.params['gallery_dir']
+        state = self.params['state_dir'] or None
+        overrides = {'retrieval.coarse_k': self.params['coarse_k'],
+                     'retrieval.top_k': self.params['top_k']}
+        config = load_config(self.params['config'] or None, overrides)
+        started = time.monotonic()
+        summary = index_gallery(gallery, config, state_dir=state, progress=False)
+        self.get_logger().info(
+            f'index of {gallery}: {summary.indexed} indexed, {summary.unchanged} unchanged, '
+            f'{len(summary.skipped)} skipped ({time.monotonic() - started:.1f} s)')
+        for skipped in summary.skipped[:20]:
+            self.get_logger().warning(f'skipped: {skipped}')
+        self._retriever = Retriever.open(gallery, config, state_dir=state)
+        stats = self._retriever.stats()
+        self.get_logger().info(
+            f'ready: {stats.get("gallery_size")} images, caption coverage '
+            f'{stats.get("caption_coverage", 0.0):.0%}')
+
+    def _work(self):
+        try:
+            self._load_engine()
+            self._engine_state = 'ready'
+        except CgrsError as exc:
+            self._engine_state, self._engine_error = 'failed', str(exc)
+            self.get_logger().error(f'engine not loaded: {exc}')
+        except Exception as exc:  # keep the node alive and say why in every result
+            self._engine_state = 'failed'
+            self._engine_error = f'{type(exc).__name__}: {exc}'
+            self.get_logger().error(f'engine not loaded: {self._engine_error}')
+        while True:
+            with self._lock:
+                while not (self._pending or self._refresh_requested or self._stop):
+                    self._lock.wait()
+                if self._stop:
+                    return
+                refresh, self._refresh_requested = self._refresh_requested, False
+                job = self._pending.popleft() if self._pending else None
+                self._running = job
+            if refresh and self._retriever is not None:
+                self._refresh_captions()
+            if job is not None:
+                job.result = self._run(job)
+                with self._lock:
+                    self._running = None
+                job.done.set()
+
+    def _refresh_captions(self):
+        try:
+            added = self._retriever.refresh_captions()
+        except Exception as exc:  # a half-written store must not stop goals
+            self.get_logger().warning(f'caption refresh failed: {exc}')
+            return
+        if added:
+            self.get_logger().info(f'picked up {added} new caption(s)')
+
+    def _run(self, job):
+        frame = self.params['map_frame']
+        if job.cancel_requested():
+            return self._finish_canceled(job)
+        if self._retriever is None:
+            return self._reject(job.text, f'the retrieval engine is not loaded: '
+                                f'{self._engine_error or "still loading"}',
+                                RetrievalResult.STATUS_ERROR, job)
+        job.feedback('retrieve', 0.1)
+        try:
+            found = self._retriever.query(job.text, top_k=job.top_k,
+                                          platform=job.platform or None)
+            result = convert.result_message(found, self._datum_now(), frame,
+                                            self.get_clock().now().to_msg(), job.platform)
+        except CgrsError as exc:
+            return self._reject(job.text, str(exc), RetrievalResult.STATUS_ERROR, job)
+        except Exception as exc:  # never take the node down for one goal
+            self.get_logger().error(f'query failed: {type(exc).__name__}: {exc}')
+            return self._reject(job.text, f'the query failed ({type(exc).__name__}: {exc})',
+                                RetrievalResult.STATUS_ERROR, job)
+        if job.cancel_requested():
+            return self._finish_canceled(job)
+        job.feedback('publish', 0.9)
+        self._served += 1
+        self._last_latency_ms = result.total_ms
+        self._result_pub.publish(result)
+        if result.status == RetrievalResult.STATUS_OK:
+            best = result.candidates[0]
+            self.get_logger().info(
+                f'{job.text[:60]!r} -> {best.image_id} ({best.platform}, '
+                f'lat {best.latitude:.6f}, lon {best.longitude:.6f}) in {result.total_ms:.1f} ms')
+            if self.params['publish_goal_pose']:
+                self._pose_pub.publish(convert.goal_pose(result))
+            self._fix_pub.publish(convert.goal_fix(result))
+            self._marker_pub.publish(convert.candidate_markers(result))
+        else:
+            self.get_logger().warning(result.error)
+        job.feedback('done', 1.0)
+        return result
+
+    # ---- diagnostics ----------------------------------------------------------------
+    def _publish_diagnostics(self):
+        status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: retrieval',
+                                  hardware_id=self.params['gallery_dir'])
+        values = {'engine': self._engine_state, 'queries_served': str(self._served),
+                  'pending_goals': str(len(self._pending)),
+                  'last_query_latency_ms': f'{self._last_latency_ms:.1f}'}
+        if self._retriever is not None:
+            stats = self._retriever.stats()
+            values.update({k: str(v) for k, v in stats.items()})
+            coverage = float(stats.get('caption_coverage') or 0.0)
+            status.level = DiagnosticStatus.OK if coverage >= 1.0 else DiagnosticStatus.WARN
+            status.message = ('ready' if coverage >= 1.0
+                              else f'ready; captions cover {coverage:.0%} of the gallery')
+        elif self._engine_state == 'failed':
+            status.level, status.message = DiagnosticStatus.ERROR, self._engine_error
+        else:
+            status.level, status.message = DiagnosticStatus.WARN, 'loading models and index'
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+    def destroy_node(self):
+        """Stop the worker, then destroy the node."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._worker.join(timeout=5.0)
+        self._action.destroy()
+        return super().destroy_node()
+
+
+def main(args=None):
+    """Run retrieval_node until Ctrl-C or shutdown."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = RetrievalNode()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except rclpy.exceptions.InvalidParameterValueException as exc:
+        print(f'retrieval_node: invalid parameter: {exc}', flush=True)
+        return 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
