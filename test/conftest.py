@@ -32,3 +32,98 @@ def ros_domain(monkeypatch):
     monkeypatch.setenv('ROS_DOMAIN_ID', str(domain))
     monkeypatch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     return domain
+
+
+# ---- engine fixtures: tiny real models saved to disk and loaded through the real loaders ----
+
+def _save_tiny_open_clip(folder):
+    """Build a tiny open_clip CLIP from a config, save it as open_clip saves models."""
+    import json
+
+    from cgrs_ros.engine.torch_compat import ensure_torchvision
+    ensure_torchvision()
+    import open_clip
+    from safetensors.torch import save_file
+    import torch
+
+    model_cfg = {'embed_dim': 32,
+                 'vision_cfg': {'image_size': 32, 'layers': 2, 'width': 64, 'head_width': 32,
+                                'patch_size': 8},
+                 'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 64,
+                              'heads': 2, 'layers': 2}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'open_clip_config.json').write_text(json.dumps(
+        {'model_cfg': model_cfg, 'preprocess_cfg': {'size': 32}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / 'open_clip_model.safetensors'))
+    return folder
+
+
+def _save_tiny_hf_clip(folder):
+    """Build a tiny transformers CLIPModel + processor (real CLIP BPE vocab) and save them."""
+    import gzip
+    import json
+
+    from cgrs_ros.engine.torch_compat import ensure_torchvision
+    ensure_torchvision()
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    import torch
+    import transformers
+
+    # The CLIP BPE vocabulary ships with open_clip; write it in the files CLIPTokenizer reads.
+    merges = gzip.open(default_bpe()).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + '</w>' for v in vocab]
+    vocab += [''.join(m.split()) for m in merges] + ['<|startoftext|>', '<|endoftext|>']
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
+    tokenizer = transformers.CLIPTokenizer(str(folder / 'vocab.json'), str(folder / 'merges.txt'))
+    images = transformers.CLIPImageProcessor(size={'shortest_edge': 32},
+                                             crop_size={'height': 32, 'width': 32})
+    config = transformers.CLIPConfig(
+        text_config={'vocab_size': len(vocab), 'hidden_size': 32, 'intermediate_size': 64,
+                     'num_hidden_layers': 2, 'num_attention_heads': 2,
+                     'max_position_embeddings': 77, 'bos_token_id': len(vocab) - 2,
+                     'eos_token_id': len(vocab) - 1, 'pad_token_id': len(vocab) - 1},
+        vision_config={'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,
+                       'num_attention_heads': 2, 'image_size': 32, 'patch_size': 8},
+        projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(str(folder))
+    transformers.CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(
+        str(folder))
+    return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_open_clip_dir(tmp_path_factory):
+    """A tiny random open_clip model saved as open_clip_config.json + safetensors."""
+    return _save_tiny_open_clip(tmp_path_factory.mktemp('tiny_open_clip'))
+
+
+@pytest.fixture(scope='session')
+def tiny_hf_clip_dir(tmp_path_factory):
+    """A tiny random transformers CLIPModel saved with save_pretrained."""
+    return _save_tiny_hf_clip(tmp_path_factory.mktemp('tiny_hf_clip'))
+
+
+def write_png(path, seed, size=(40, 32)):
+    """Write a small PNG of seeded random colour blocks (distinct per seed)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    pixels = np.kron(blocks, np.ones((size[1] // 4, size[0] // 4, 1), dtype=np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def make_png():
+    """Return write_png(path, seed, size=(40, 32)): writes a small distinct PNG."""
+    return write_png

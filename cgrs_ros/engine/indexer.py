@@ -1,0 +1,263 @@
+"""``cgrs index``: embed new or changed gallery images and captions, persist the FAISS index.
+
+Incremental by content: an image is re-embedded only when its bytes (SHA-256) are new to the
+configured image encoder, a caption only when its text is new to the text encoder. Files whose
+size and mtime are unchanged are not even re-read (storage.FileHashCache). Models are loaded
+only when there is something to embed, so a run over an unchanged gallery does no model work.
+
+Work is checkpointed every :data:`CHECKPOINT_ROWS` embeddings (a new store segment), so an
+interrupted run resumes where it stopped. Images that fail to decode are skipped with the
+reason and remembered by content hash, so later runs do not try them again (until the file
+changes).
+"""
+
+import dataclasses
+from pathlib import Path
+import time
+
+from cgrs_ros.engine.captions import (caption_source_for, caption_store_path, CaptionRecord,
+                                      CaptionSource, CaptionStore, manifest_caption,
+                                      MANIFEST_CAPTIONER)
+from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder,
+                                      load_text_encoder, text_encoder_identity)
+from cgrs_ros.engine.errors import ConfigError, GalleryError
+from cgrs_ros.engine.gallery import load_gallery
+from cgrs_ros.engine.index import VectorIndex
+from cgrs_ros.engine.retriever import build_image_index, image_index_fingerprint, image_index_path
+from cgrs_ros.engine.storage import (default_state_dir, EmbeddingStore, FileHashCache, read_json,
+                                     sha256_text)
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+CHECKPOINT_ROWS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedItem:
+    """A gallery row that is not (fully) indexed, and why."""
+
+    image_id: str
+    line: int
+    reason: str
+
+    def __str__(self):
+        who = f' (image_id {self.image_id!r})' if self.image_id else ''
+        return f'line {self.line}{who}: {self.reason}'
+
+
+@dataclasses.dataclass
+class IndexSummary:
+    """What an index run did.
+
+    ``indexed``: items that needed model work this run; ``unchanged``: items already up to
+    date; ``skipped``: rows left out (or only partly indexed), with reasons.
+    """
+
+    indexed: int = 0
+    unchanged: int = 0
+    skipped: list = dataclasses.field(default_factory=list)
+    images_embedded: int = 0
+    captions_embedded: int = 0
+    captions_written: int = 0
+    files_hashed: int = 0
+    models_loaded: list = dataclasses.field(default_factory=list)
+    image_encoder: str = None
+    text_encoder: str = None
+    captioned: int = 0
+    state_dir: str = ''
+    elapsed_s: float = 0.0
+
+    def to_dict(self):
+        """Return the summary as plain data (for --json)."""
+        out = dataclasses.asdict(self)
+        out['skipped'] = [dataclasses.asdict(s) for s in self.skipped]
+        return out
+
+
+def _decode(path):
+    """Open an image fully (pixels, not just the header) as RGB; raises on corrupt data."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert('RGB')
+
+
+def _chunks(seq, size):
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+def _embed_images(gallery, todo, path_of_hash, config, store, hash_cache, summary, progress):
+    """Embed images (by content hash) into ``store``; returns {hash: decode error}."""
+    encoder = load_image_encoder(config.image_encoder)
+    summary.models_loaded.append(encoder.identity)
+    failures, pending_keys, pending_vecs = {}, [], []
+    bar = tqdm(total=len(todo), desc='embedding images', unit='img', disable=not progress)
+    try:
+        for batch in _chunks(todo, encoder.batch_size):
+            images, keys = [], []
+            for content in batch:
+                try:
+                    images.append(_decode(path_of_hash[content]))
+                    keys.append(content)
+                except Exception as exc:  # any decoder error: skip this image, keep going
+                    failures[content] = f'cannot decode image ({type(exc).__name__}: {exc})'
+            if images:
+                pending_vecs.append(encoder.encode_images(images))
+                pending_keys.extend(keys)
+                summary.images_embedded += len(images)
+            bar.update(len(batch))
+            if len(pending_keys) >= CHECKPOINT_ROWS:
+                _flush(store, pending_keys, pending_vecs)
+                hash_cache.mark_undecodable(failures)
+        _flush(store, pending_keys, pending_vecs)
+        hash_cache.mark_undecodable(failures)
+    finally:
+        bar.close()
+    return failures
+
+
+def _flush(store, keys, vecs):
+    if keys:
+        store.add(list(keys), np.concatenate(vecs))
+        keys.clear()
+        vecs.clear()
+
+
+def _write_manifest_captions(gallery, hashes, store, prompt_version):
+    """Store the manifest descriptions as captions (only rows whose text changed)."""
+    wanted = {}
+    for item, content in zip(gallery.items, hashes):
+        text = manifest_caption(item)
+        if text is not None:
+            wanted[content] = text  # identical images: the last row's descriptions win
+    existing, _ = store.ok_captions(CaptionSource(MANIFEST_CAPTIONER, prompt_version))
+    records = [CaptionRecord(content, MANIFEST_CAPTIONER, prompt_version, 'ok', text=text)
+               for content, text in wanted.items() if existing.get(content, (None,))[0] != text]
+    written = 0
+    for batch in _chunks(records, 5000):
+        written += store.put_many(batch)
+    return written
+
+
+def index_gallery(gallery_dir, config, state_dir=None, progress=True):
+    """Index a gallery incrementally; returns an :class:`IndexSummary`.
+
+    Raises GalleryError when no manifest row is usable and ConfigError when there is nothing
+    to search with (no image encoder and no captions).
+    """
+    start = time.perf_counter()
+    gallery = load_gallery(gallery_dir, check_images='header')
+    summary = IndexSummary(skipped=[SkippedItem(p.image_id, p.line, p.message)
+                                    for p in gallery.problems])
+    if not gallery.items:
+        first = f' (first: {gallery.problems[0]})' if gallery.problems else ''
+        raise GalleryError(f'no usable row in {gallery.manifest}{first}; fix the manifest')
+    state = Path(default_state_dir(gallery_dir) if state_dir is None else state_dir)
+    summary.state_dir = str(state)
+    state.mkdir(parents=True, exist_ok=True)
+
+    hash_cache = FileHashCache(state)
+    try:
+        files = [(item.path, gallery.path_of(item)) for item in gallery.items]
+        bar = tqdm(total=len(files), desc='checking files', unit='file',
+                   disable=not progress or len(files) < 1000)
+        hashes_by_path, summary.files_hashed = hash_cache.update(files, lambda: bar.update())
+        bar.close()
+        hashes = [hashes_by_path[item.path] for item in gallery.items]
+        worked = set()  # content hashes that needed model work this run
+
+        # Coarse channel: image embeddings for the configured encoder.
+        bad = {}
+        if config.image_encoder.backend != 'none':
+            identity = image_encoder_identity(config.image_encoder)
+            summary.image_encoder = identity
+            store = EmbeddingStore.for_encoder(state, 'image', identity)
+            have = store.keys()
+            known_bad = hash_cache.undecodable()
+            path_of_hash = {}
+            for item, content in zip(gallery.items, hashes):
+                path_of_hash.setdefault(content, gallery.path_of(item))
+            todo = [c for c in path_of_hash if c not in have and c not in known_bad]
+            if todo:
+                new_bad = _embed_images(gallery, todo, path_of_hash, config, store, hash_cache,
+                                        summary, progress)
+                worked.update(todo)
+                known_bad.update(new_bad)
+            bad = {c: known_bad[c] for c in set(hashes) if c in known_bad}
+            live = set(hashes)
+            dead = len(have - live)
+            if dead > max(CHECKPOINT_ROWS, len(live)):
+                store.compact(keep=live)  # most rows belong to images no longer in the gallery
+            _persist_image_index(state, gallery, hashes, identity, store)
+
+        # Caption channel: manifest captions into the store, then caption text embeddings.
+        with CaptionStore(caption_store_path(state)) as captions:
+            if config.captioner.backend == MANIFEST_CAPTIONER:
+                version = caption_source_for(config.captioner).prompt_version
+                summary.captions_written = _write_manifest_captions(gallery, hashes, captions,
+                                                                    version)
+            ok, _ = captions.ok_captions(caption_source_for(config.captioner))
+        item_texts = [ok[c][0] if c in ok else None for c in hashes]
+        summary.captioned = sum(text is not None for text in item_texts)
+        if summary.captioned:
+            identity = text_encoder_identity(config.text_encoder)
+            summary.text_encoder = identity
+            text_store = EmbeddingStore.for_encoder(state, 'text', identity)
+            have = text_store.keys()
+            todo = {}
+            for content, text in zip(hashes, item_texts):
+                if text is not None:
+                    key = sha256_text(text)
+                    if key not in have:
+                        todo.setdefault(key, text)
+                        worked.add(content)
+            if todo:
+                encoder = load_text_encoder(config.text_encoder)
+                summary.models_loaded.append(encoder.identity)
+                keys = list(todo)
+                bar = tqdm(total=len(keys), desc='embedding captions', unit='caption',
+                           disable=not progress)
+                for batch in _chunks(keys, max(CHECKPOINT_ROWS, encoder.batch_size)):
+                    text_store.add(batch, encoder.encode_texts([todo[k] for k in batch]))
+                    summary.captions_embedded += len(batch)
+                    bar.update(len(batch))
+                bar.close()
+        elif config.image_encoder.backend == 'none':
+            raise ConfigError(
+                f'nothing to index in {gallery_dir}: image_encoder.backend is none and no image '
+                'has a caption; configure an image encoder, add descriptions to the manifest, '
+                'or run `cgrs caption` first')
+
+        for item, content, text in zip(gallery.items, hashes, item_texts):
+            if content in bad:
+                note = '; it is searchable by its caption only' if text else ''
+                summary.skipped.append(SkippedItem(item.image_id, item.line, bad[content] + note))
+            elif content in worked:
+                summary.indexed += 1
+            else:
+                summary.unchanged += 1
+    finally:
+        hash_cache.close()
+    summary.elapsed_s = time.perf_counter() - start
+    return summary
+
+
+def _persist_image_index(state, gallery, hashes, identity, store):
+    """Write the FAISS image index for the current gallery unless it is already up to date."""
+    path = image_index_path(state)
+    expect = {'identity': identity,
+              'fingerprint': image_index_fingerprint(identity, gallery.items, hashes)}
+    try:
+        meta = read_json(path.with_suffix('.json'))
+        if all(meta.get(k) == v for k, v in expect.items()) and path.with_suffix(
+                '.faiss').is_file():
+            return False
+    except (OSError, ValueError):
+        pass
+    keys, matrix = store.load()
+    index = build_image_index(gallery, hashes, keys, matrix)
+    if index is None:
+        index = VectorIndex.build(matrix[:0], [], [], len(gallery))
+    index.save(path, expect)
+    return True

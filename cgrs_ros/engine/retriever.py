@@ -1,0 +1,422 @@
+"""Query time: coarse image-text search, caption channel, fusion.
+
+One query costs: one text forward per encoder (two texts in one batch when the ``auto``
+orientation mode needs the raw and the normalized query), one FAISS scan per channel, and a
+few vectorized dot products and sorts over the candidates. Nothing at query time loops over
+the gallery in Python; gallery-sized arrays are built once at open and at caption refresh.
+
+Channels:
+
+- coarse: image embeddings in an exact FAISS inner-product index; the query goes through the
+  image encoder's text tower. Off when ``image_encoder.backend`` is ``none``.
+- caption: caption text embeddings (MiniLM by default) of every captioned image.
+  ``rerank`` (CGRS): score the coarse top ``coarse_k`` against their captions, fuse, re-sort.
+  ``hybrid``: also search the caption index over the whole gallery and fuse the union (each
+  candidate missing a channel's score gets it by a direct dot product). Off while no image
+  has a caption, and skipped when ``caption_weight`` is 0 (it could not change the order).
+
+Orientation words (``retrieval.remove_orientation_words``): ``true`` removes them from the
+query everywhere, ``false`` never, ``auto`` only for satellite candidates: satellite rows are
+scored (in both channels) with the normalized query, other rows with the query as said.
+
+Scores: cosine similarities (``coarse``, ``caption``) and the fused score (rerank.py).
+"""
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+import threading
+import time
+
+from cgrs_ros.engine.captions import caption_source_for, caption_store_path, CaptionStore
+from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder,
+                                      load_text_encoder, text_encoder_identity)
+from cgrs_ros.engine.errors import ConfigError, GalleryError, QueryError
+from cgrs_ros.engine.gallery import load_gallery, PLATFORMS
+from cgrs_ros.engine.index import PLATFORM_CODES, VectorIndex
+from cgrs_ros.engine.query_norm import remove_orientation_words
+from cgrs_ros.engine.rerank import fuse
+from cgrs_ros.engine.storage import (default_state_dir, EmbeddingStore, FileHashCache,
+                                     sha256_text)
+import numpy as np
+
+logger = logging.getLogger(__name__)
+SATELLITE = PLATFORM_CODES['satellite']
+MAX_QUERY_CHARS = 2000
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One ranked gallery image; a score is None when its channel did not score this image."""
+
+    rank: int
+    image_id: str
+    platform: str
+    lat: float
+    lon: float
+    alt: float
+    heading_deg: float
+    caption: str
+    group_id: str
+    coarse_score: float
+    caption_score: float
+    fused_score: float
+
+    def to_dict(self):
+        """Return the candidate in the ``cgrs query --json`` shape."""
+        return {
+            'rank': self.rank, 'image_id': self.image_id, 'platform': self.platform,
+            'lat': self.lat, 'lon': self.lon, 'alt': self.alt, 'heading_deg': self.heading_deg,
+            'group_id': self.group_id, 'caption': self.caption,
+            'scores': {'coarse': self.coarse_score, 'caption': self.caption_score,
+                       'fused': self.fused_score},
+        }
+
+
+@dataclasses.dataclass
+class QueryResult:
+    """The answer to one query: ranked candidates and where the time went (milliseconds)."""
+
+    query: str
+    normalized_query: str
+    candidates: list
+    timings_ms: dict
+
+    def to_dict(self):
+        """Return the ``cgrs query --json`` shape."""
+        return {'query': self.query, 'normalized_query': self.normalized_query,
+                'candidates': [c.to_dict() for c in self.candidates],
+                'timings_ms': dict(self.timings_ms)}
+
+
+def image_index_fingerprint(identity, items, hashes):
+    """Hash of everything an image index depends on: encoder, item order, ids, contents."""
+    digest = hashlib.sha256(identity.encode('utf-8'))
+    for item, content in zip(items, hashes):
+        digest.update(f'\n{item.image_id}\t{item.platform}\t{content or ""}'.encode('utf-8'))
+    return digest.hexdigest()
+
+
+def image_index_path(state_dir):
+    """Return the base path (no suffix) of the persisted image index in a state folder."""
+    return state_dir / 'index' / 'image'
+
+
+def _none_if_nan(value):
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CaptionState:
+    """Caption channel data, swapped as one object so queries never see half an update."""
+
+    index: VectorIndex = None
+    texts: tuple = ()          # caption per item (None without)
+    by_hash: dict = None       # content hash -> caption text
+    seq: int = 0               # caption store sequence number seen so far
+
+
+class Retriever:
+    """Text-to-image geo-retrieval over one indexed gallery (see the module docstring)."""
+
+    def __init__(self, gallery, config, image_encoder=None, image_index=None,
+                 text_encoder=None, captions=None, item_hashes=None, state_dir=None):
+        """Assemble a retriever; use :meth:`open` (or :meth:`from_arrays` for synthetic data)."""
+        self.gallery = gallery
+        self.config = config
+        self.state_dir = state_dir
+        self._image_encoder = image_encoder
+        self._image_index = image_index
+        self._text_encoder = text_encoder
+        self._captions = captions or _CaptionState(texts=(None,) * len(gallery), by_hash={})
+        self._item_hashes = item_hashes
+        self._codes = np.array([PLATFORM_CODES[item.platform] for item in gallery.items],
+                               dtype=np.int64)
+        self._refresh_lock = threading.Lock()
+        self._store = None
+        self._text_store = None
+        self._items_by_hash = {}
+        if item_hashes is not None:
+            for i, content in enumerate(item_hashes):
+                if content:
+                    self._items_by_hash.setdefault(content, []).append(i)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def open(cls, gallery_dir, config, state_dir=None):  # noqa: A003 (the contract's name)
+        """Open an indexed gallery (run ``cgrs index`` first) with the encoders it needs."""
+        gallery = load_gallery(gallery_dir, check_images='none')
+        state_dir = Path(default_state_dir(gallery_dir) if state_dir is None else state_dir)
+        if not (state_dir / 'state.sqlite').is_file():
+            raise GalleryError(f'{gallery_dir} has not been indexed (no state in {state_dir}); '
+                               f'run `cgrs index {gallery_dir}` first')
+        hash_cache = FileHashCache(state_dir)
+        recorded = hash_cache.recorded()
+        hash_cache.close()
+        hashes = [recorded.get(item.path) for item in gallery.items]
+        image_index, image_encoder = None, None
+        if config.image_encoder.backend != 'none':
+            identity = image_encoder_identity(config.image_encoder)
+            image_index = cls._load_image_index(state_dir, gallery, hashes, identity)
+            if image_index is None or not len(image_index):
+                raise GalleryError(
+                    f'no image embeddings for {identity} in {state_dir}; run `cgrs index '
+                    f'{gallery_dir}` with this config first')
+            image_encoder = load_image_encoder(config.image_encoder)
+        retriever = cls(gallery, config, image_encoder=image_encoder, image_index=image_index,
+                        item_hashes=hashes, state_dir=state_dir)
+        retriever._store = CaptionStore(caption_store_path(state_dir))
+        retriever._sync_captions()
+        if retriever._captions.index is not None:
+            retriever._text_encoder_loaded()  # now, not on the first query
+        if image_index is None and retriever._captions.index is None:
+            raise ConfigError(
+                f'nothing to search in {gallery_dir}: image_encoder.backend is none and no '
+                'image has a caption; configure an image encoder, or add descriptions / run '
+                '`cgrs caption` and `cgrs index`')
+        return retriever
+
+    @staticmethod
+    def _load_image_index(state_dir, gallery, hashes, identity):
+        expect = {'identity': identity,
+                  'fingerprint': image_index_fingerprint(identity, gallery.items, hashes)}
+        index = VectorIndex.load(image_index_path(state_dir), len(gallery), expect)
+        if index is not None:
+            return index
+        # The gallery changed since the last `cgrs index` (or the index file is gone): build
+        # the index in memory from whatever embeddings exist; the next index run persists it.
+        logger.info('image index out of date; building it from stored embeddings')
+        store = EmbeddingStore.for_encoder(state_dir, 'image', identity)
+        keys, matrix = store.load()
+        return build_image_index(gallery, hashes, keys, matrix)
+
+    @classmethod
+    def from_arrays(cls, gallery, config, image_encoder=None, image_vectors=None,
+                    text_encoder=None, caption_texts=None, caption_vectors=None):
+        """Build a retriever from in-memory vectors aligned with ``gallery.items``.
+
+        ``image_vectors`` (n, d) and ``caption_vectors`` (n, d_text) are L2-normalized rows;
+        ``caption_texts`` has one caption or None per item (rows of items without a caption
+        are ignored). Used by benchmarks and tests; :meth:`open` is the normal way in.
+        """
+        n = len(gallery)
+        codes = [PLATFORM_CODES[item.platform] for item in gallery.items]
+        image_index = None
+        if image_vectors is not None:
+            image_index = VectorIndex.build(image_vectors, np.arange(n), codes, n)
+        captions = None
+        if caption_texts is not None:
+            have = np.array([i for i, text in enumerate(caption_texts) if text], dtype=np.int64)
+            index = (VectorIndex.build(np.asarray(caption_vectors)[have], have,
+                                       np.asarray(codes)[have], n) if len(have) else None)
+            captions = _CaptionState(index=index, texts=tuple(caption_texts), by_hash={})
+        return cls(gallery, config, image_encoder=image_encoder, image_index=image_index,
+                   text_encoder=text_encoder, captions=captions)
+
+    def close(self):
+        """Release the caption store connection."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # ------------------------------------------------------------------ captions
+
+    def _text_encoder_loaded(self):
+        if self._text_encoder is None:
+            self._text_encoder = load_text_encoder(self.config.text_encoder)
+        return self._text_encoder
+
+    def _sync_captions(self):
+        """Fold captions written to the store since the last sync in; return items changed."""
+        old = self._captions
+        source = caption_source_for(self.config.captioner)
+        rows, newest = self._store.ok_captions(source, since_seq=old.seq)
+        changed = {content: text for content, (text, _) in rows.items()
+                   if content in self._items_by_hash and old.by_hash.get(content) != text}
+        if not changed:
+            self._captions = dataclasses.replace(old, seq=newest)
+            return 0
+        by_hash = dict(old.by_hash)
+        by_hash.update(changed)
+        texts = list(old.texts)
+        changed_items = []
+        for content, text in changed.items():
+            for i in self._items_by_hash[content]:
+                texts[i] = text
+                changed_items.append(i)
+        new_vectors = self._caption_vectors([texts[i] for i in changed_items])
+        # Keep the vectors of unchanged captioned items, add or replace the changed ones.
+        n = len(self.gallery)
+        dim = new_vectors.shape[1]
+        vectors = np.zeros((0, dim), dtype=np.float32)
+        items = np.zeros(0, dtype=np.int64)
+        if old.index is not None:
+            keep = np.ones(n, dtype=bool)
+            keep[changed_items] = False
+            old_items = old.index.row_items[keep[old.index.row_items]]
+            vectors = old.index.matrix[old.index.item_rows[old_items]]
+            items = old_items
+        items = np.concatenate([items, np.asarray(changed_items, dtype=np.int64)])
+        vectors = np.concatenate([vectors, new_vectors])
+        index = VectorIndex.build(vectors, items, self._codes[items], n)
+        self._captions = _CaptionState(index=index, texts=tuple(texts), by_hash=by_hash,
+                                       seq=newest)
+        return len(changed_items)
+
+    def _caption_vectors(self, texts):
+        """Vectors of caption texts: from the text embedding store, embedding what is missing."""
+        identity = text_encoder_identity(self.config.text_encoder)
+        if self._text_store is None:
+            self._text_store = EmbeddingStore.for_encoder(self.state_dir, 'text', identity)
+        keys = [sha256_text(text) for text in texts]
+        found_keys, found = self._text_store.lookup(set(keys))
+        vector_of = dict(zip(found_keys, found))
+        missing = sorted({key for key in keys if key not in vector_of})
+        if missing:
+            # Captions written after the last `cgrs index` (e.g. by the captioning node).
+            text_of = dict(zip(keys, texts))
+            fresh = self._text_encoder_loaded().encode_texts([text_of[k] for k in missing])
+            self._text_store.add(missing, fresh)
+            vector_of.update(zip(missing, fresh))
+        return np.ascontiguousarray(np.stack([vector_of[key] for key in keys]),
+                                    dtype=np.float32)
+
+    def refresh_captions(self):
+        """Pick up captions added to the store since open; return how many images changed."""
+        if self._store is None:
+            return 0
+        with self._refresh_lock:
+            return self._sync_captions()
+
+    # ------------------------------------------------------------------ queries
+
+    def stats(self):
+        """Return gallery size, how many images are indexed and captioned, encoder identities."""
+        captions = self._captions
+        captioned = len(captions.index) if captions.index is not None else 0
+        n = len(self.gallery)
+        return {
+            'gallery_size': n,
+            'indexed': len(self._image_index) if self._image_index is not None else 0,
+            'captioned': captioned,
+            'caption_coverage': captioned / n if n else 0.0,
+            'image_encoder': self._image_encoder.identity if self._image_encoder else None,
+            'text_encoder': (self._text_encoder.identity if self._text_encoder
+                             else text_encoder_identity(self.config.text_encoder)),
+        }
+
+    def _check_query(self, text, top_k, platform):
+        if not isinstance(text, str) or not text.strip():
+            raise QueryError('the query text is empty; describe the place to go to')
+        if len(text) > MAX_QUERY_CHARS:
+            raise QueryError(f'the query is {len(text)} characters long; keep it under '
+                             f'{MAX_QUERY_CHARS}')
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise QueryError(f'top_k {top_k!r} must be a positive integer')
+        if platform is not None and platform not in PLATFORMS:
+            raise QueryError(f'platform {platform!r} is not one of {", ".join(PLATFORMS)}')
+
+    @staticmethod
+    def _groups(index, vectors, platform):
+        """(vector, lo, hi) search groups: the platform filter, and auto-mode satellite rows."""
+        if platform is not None:
+            lo, hi = index.platform_range(platform)
+            return [(vectors[PLATFORM_CODES[platform]], lo, hi)]
+        if vectors[SATELLITE] is vectors[SATELLITE + 1]:
+            return [(vectors[SATELLITE], 0, len(index))]
+        # Satellite rows come first (PLATFORMS order), so the rest is one range.
+        sat_hi = int(index.bounds[SATELLITE + 1])
+        return [(vectors[SATELLITE], 0, sat_hi), (vectors[SATELLITE + 1], sat_hi, len(index))]
+
+    def _encode_query(self, encoder, texts, sat_text, other_text):
+        """Encode the distinct query texts in one batch; return one vector per platform code."""
+        encoded = encoder.encode_texts(texts)
+        by_text = dict(zip(texts, encoded))
+        sat, other = by_text[sat_text], by_text[other_text]
+        return [sat if code == SATELLITE else other for code in range(len(PLATFORMS))]
+
+    def query(self, text, top_k=None, platform=None):
+        """Rank gallery images for a description; returns a :class:`QueryResult`."""
+        start = time.perf_counter()
+        self._check_query(text, top_k, platform)
+        cfg = self.config.retrieval
+        top_k = int(top_k or cfg.top_k)
+        image_index = self._image_index
+        captions = self._captions  # one snapshot: a concurrent refresh swaps the whole object
+        caption_index = captions.index
+        if image_index is not None and cfg.caption_weight == 0.0:
+            caption_index = None  # the caption channel could not change the order: skip it
+        if image_index is None and caption_index is None:
+            raise ConfigError('nothing to search: no image embeddings and no captions; run '
+                              '`cgrs index` with an image encoder or captions')
+        text = ' '.join(text.split())
+        normalized = remove_orientation_words(text)
+        if cfg.remove_orientation_words == 'false':
+            normalized = text
+        sat_text = normalized
+        other_text = normalized if cfg.remove_orientation_words == 'true' else text
+        texts = list(dict.fromkeys([other_text, sat_text]))
+        image_q = (self._encode_query(self._image_encoder, texts, sat_text, other_text)
+                   if image_index is not None else None)
+        caption_q = (self._encode_query(self._text_encoder_loaded(), texts, sat_text,
+                                        other_text) if caption_index is not None else None)
+        t_encode = time.perf_counter()
+
+        k_search = max(cfg.coarse_k, top_k)
+        coarse_scores = caption_scores = None
+        if image_index is not None:
+            items, coarse_scores = image_index.search(
+                self._groups(image_index, image_q, platform), k_search)
+            coarse_scores = coarse_scores.astype(np.float64)
+        t_coarse = time.perf_counter()
+
+        if caption_index is not None:
+            if image_index is None or cfg.caption_channel == 'hybrid':
+                cap_items, cap_scores = caption_index.search(
+                    self._groups(caption_index, caption_q, platform), k_search)
+                if image_index is None:
+                    items, caption_scores = cap_items, cap_scores.astype(np.float64)
+                else:
+                    # Union (coarse order first), then fill each candidate's missing score.
+                    extra = cap_items[~np.isin(cap_items, items)]
+                    items = np.concatenate([items, extra])
+                    extra_q = np.stack(image_q)[self._codes[extra]]
+                    coarse_scores = np.concatenate(
+                        [coarse_scores, image_index.scores_for(extra, extra_q)])
+            if caption_scores is None:
+                caption_scores = caption_index.scores_for(
+                    items, np.stack(caption_q)[self._codes[items]])
+        fused = fuse(coarse_scores, caption_scores, cfg.fusion, cfg.caption_weight, cfg.rrf_k)
+        order = np.argsort(-fused, kind='stable')[:top_k]
+        candidates = []
+        for rank, pos in enumerate(order, start=1):
+            item = self.gallery.items[items[pos]]
+            candidates.append(Candidate(
+                rank=rank, image_id=item.image_id, platform=item.platform, lat=item.lat,
+                lon=item.lon, alt=item.alt, heading_deg=item.heading_deg,
+                caption=captions.texts[items[pos]], group_id=item.group_id,
+                coarse_score=(_none_if_nan(coarse_scores[pos]) if coarse_scores is not None
+                              else None),
+                caption_score=(_none_if_nan(caption_scores[pos]) if caption_scores is not None
+                               else None),
+                fused_score=float(fused[pos])))
+        end = time.perf_counter()
+        timings = {'encode': (t_encode - start) * 1e3, 'coarse': (t_coarse - t_encode) * 1e3,
+                   'rerank': (end - t_coarse) * 1e3, 'total': (end - start) * 1e3}
+        reported = normalized if cfg.remove_orientation_words != 'false' else text
+        return QueryResult(query=text, normalized_query=reported, candidates=candidates,
+                           timings_ms=timings)
+
+
+def build_image_index(gallery, hashes, keys, matrix):
+    """Build the image VectorIndex for items whose content hash has a stored embedding."""
+    row_of = {key: row for row, key in enumerate(keys)}
+    items = np.array([i for i, content in enumerate(hashes) if content in row_of],
+                     dtype=np.int64)
+    if not len(items):
+        return None
+    rows = [row_of[hashes[i]] for i in items]
+    codes = [PLATFORM_CODES[gallery.items[i].platform] for i in items]
+    return VectorIndex.build(matrix[rows], items, codes, len(gallery))
