@@ -20,10 +20,8 @@ import time
 import numpy as np
 from PIL import Image
 
+# Run from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cgrs_ros.engine.captioners import make_captioner  # noqa: E402
-from cgrs_ros.engine.torch_compat import ensure_torchvision  # noqa: E402
 
 
 def _tokenizer():
@@ -91,6 +89,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
 
+    from cgrs_ros.engine.captioners import make_captioner
+    from cgrs_ros.engine.torch_compat import ensure_torchvision
     ensure_torchvision()
     import torch
     from transformers import GenerationConfig

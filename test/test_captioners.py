@@ -17,14 +17,13 @@ import os
 import socket
 import threading
 
-import numpy as np
-from PIL import Image
-import pytest
-
 from cgrs_ros.engine.captioners import (
     CaptionOutcome, CHAT_PROMPTS, make_captioner, PREFIX_PROMPTS, SYSTEM_PROMPT)
 from cgrs_ros.engine.errors import ConfigError, ModelLoadError
 from cgrs_ros.engine.torch_compat import ensure_torchvision
+import numpy as np
+from PIL import Image
+import pytest
 
 MIXED_PLATFORMS = ['satellite', 'drone', 'satellite', 'ground', 'drone']
 

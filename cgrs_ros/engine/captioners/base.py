@@ -4,10 +4,9 @@ import abc
 import dataclasses
 from typing import Literal, Optional
 
-import pydantic
-
 from cgrs_ros.engine.captioners.prompts import validate_prompt_overrides
 from cgrs_ros.engine.errors import ConfigError
+import pydantic
 
 BACKENDS = ('transformers', 'openai', 'manifest')
 

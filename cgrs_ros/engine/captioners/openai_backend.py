@@ -16,11 +16,10 @@ import threading
 import time
 import urllib.parse
 
-import requests
-
 from cgrs_ros.engine.captioners.base import Captioner, CaptionOutcome
 from cgrs_ros.engine.captioners.prompts import PromptSet
 from cgrs_ros.engine.errors import ConfigError
+import requests
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +127,14 @@ class OpenAICaptioner(Captioner):
 
     def _body(self, image, prompt):
         s = self._settings
-        return {
-            'model': s.model,
-            'messages': [
-                {'role': 'system', 'content': self.prompts.system},
-                {'role': 'user', 'content': [
-                    {'type': 'text', 'text': prompt},
-                    {'type': 'image_url',
-                     'image_url': {'url': encode_image(image, s.max_image_side)}},
-                ]},
-            ],
-            'max_tokens': s.max_new_tokens,
-            'temperature': 0,
-        }
+        messages = [{'role': 'system', 'content': self.prompts.system}] \
+            if self.prompts.system else []
+        messages.append({'role': 'user', 'content': [
+            {'type': 'text', 'text': prompt},
+            {'type': 'image_url', 'image_url': {'url': encode_image(image, s.max_image_side)}},
+        ]})
+        return {'model': s.model, 'messages': messages, 'max_tokens': s.max_new_tokens,
+                'temperature': 0}
 
     def _caption_one(self, image, prompt):
         try:

@@ -80,6 +80,11 @@ class TransformersCaptioner(Captioner):
         except OSError as exc:
             raise _load_error(model, exc) from None
         except ValueError as exc:
+            if 'trust_remote_code' in str(exc) and not settings.trust_remote_code:
+                raise ConfigError(
+                    f'captioning model {model!r} ships its own Python code; set '
+                    'captioner.trust_remote_code: true if you trust its source, or use a '
+                    'checkpoint that transformers supports natively.') from None
             if 'Unrecognized' in str(exc) or 'not supported' in str(exc):
                 raise ModelLoadError(
                     f'Cannot load captioning model {model!r}: it is not an image-text-to-text '
