@@ -19,6 +19,7 @@ import threading
 
 from cgrs_ros.engine.captioners import (
     CaptionOutcome, CHAT_PROMPTS, make_captioner, PREFIX_PROMPTS, SYSTEM_PROMPT)
+from cgrs_ros.engine.config import load_config
 from cgrs_ros.engine.errors import ConfigError, ModelLoadError
 from cgrs_ros.engine.torch_compat import ensure_torchvision
 import numpy as np
@@ -245,6 +246,20 @@ def test_missing_model_names_the_id_and_how_to_fetch_it(tmp_path):
 def test_bad_sections_raise_config_errors(section, message):
     with pytest.raises(ConfigError, match=message):
         make_captioner(section)
+
+
+def test_engine_config_section_builds_a_captioner(tmp_path):
+    path = tmp_path / 'engine.yaml'
+    path.write_text('captioner:\n  backend: openai\n  model: qwen2.5-vl\n'
+                    '  base_url: http://127.0.0.1:9/v1\n  concurrency: 2\n'
+                    '  prompts:\n    satellite: Describe the roofs.\n')
+    with make_captioner(load_config(str(path)).captioner) as captioner:
+        assert captioner.identity.startswith('openai:qwen2.5-vl:')
+        assert captioner.prompts.text('satellite') == 'Describe the roofs.'
+        assert captioner.prompts.text('drone') == CHAT_PROMPTS['drone']
+    typo = load_config(None, {'captioner': {'backend': 'openai', 'model': 'm', 'retries': 2}})
+    with pytest.raises(ConfigError, match='captioner.retries'):
+        make_captioner(typo.captioner)
 
 
 # ---------------------------------------------------------------------------------------------

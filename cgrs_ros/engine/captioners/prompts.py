@@ -16,10 +16,9 @@ import hashlib
 import json
 
 from cgrs_ros.engine.errors import ConfigError
+from cgrs_ros.engine.gallery import PLATFORMS
 
-# Must match cgrs_ros.engine.gallery.PLATFORMS (kept here so the captioners import nothing
-# heavier than the error types).
-PLATFORMS = ('satellite', 'drone', 'ground')
+__all__ = ['PLATFORMS', 'PromptSet', 'SYSTEM_PROMPT', 'CHAT_PROMPTS', 'PREFIX_PROMPTS']
 
 STYLES = ('chat', 'prefix')
 
