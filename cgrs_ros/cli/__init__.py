@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     'eval',
     'launch',
     'goal',
+    'gallery',
 )
 
 

@@ -182,7 +182,7 @@ def generate_demo_world(out_dir, seed=0, size=DEFAULT_SIZE, datum=DEFAULT_DATUM,
             'group_id': group, 'kind': _category(anchor),
             'e': round(anchor.centre[0], 3), 'n': round(anchor.centre[1], 3),
             'lat': round(float(lat), 8), 'lon': round(float(lon), 8), 'alt': float(datum.alt),
-            'radius_m': round(anchor.size / 2, 2)})
+            'radius_m': round(anchor.size / 2, 2), 'attributes': _plain_attrs(anchor.attrs)})
     _remove_stale_images(images_dir, {Path(item.path).name for item in items})
     write_manifest(out, items)
     buffer = io.StringIO()
@@ -197,6 +197,17 @@ def generate_demo_world(out_dir, seed=0, size=DEFAULT_SIZE, datum=DEFAULT_DATUM,
         'satellite_m_per_px': SATELLITE_M_PER_PX, 'tile_px': TILE_PX,
         'places': place_rows})
     return DemoSummary(out, len(places), len(items), len(query_rows), side, datum)
+
+
+def _plain_attrs(attrs):
+    """Return the JSON-friendly drawn attributes of a place (colour, shape, counts...)."""
+    out = {}
+    for key, value in sorted(attrs.items()):
+        if isinstance(value, (bool, int, str)):
+            out[key] = value
+        elif isinstance(value, float):
+            out[key] = round(value, 3)
+    return out
 
 
 def _remove_stale_images(images_dir, keep):
