@@ -2,10 +2,9 @@
 
 import json
 
-import pytest
-
 from cgrs_ros.engine.errors import GalleryError, QueryError
 from cgrs_ros.engine.evaluation import datasets
+import pytest
 
 
 def _geotext_entries():

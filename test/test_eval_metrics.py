@@ -1,12 +1,11 @@
 """Recall@K on hand-made score matrices whose answers are worked out by hand."""
 
-import numpy as np
-import pytest
-
 from cgrs_ros.engine.evaluation import metrics
 from cgrs_ros.engine.evaluation.metrics import (
     evaluate_ranked_ids, first_hit_ranks, i2t_from_scores, metric_name, recall_curve,
     stable_ranking, t2i_from_scores, track4_score)
+import numpy as np
+import pytest
 
 # Gallery of 5 images: building A has images 0 and 1, B has 2 and 3, C has one image (4).
 GALLERY_GROUPS = ['A', 'A', 'B', 'B', 'C']

@@ -2,13 +2,12 @@
 
 import json
 
-import numpy as np
-import pytest
-
 from cgrs_ros.cli import main
 from cgrs_ros.engine.errors import CgrsError
 from cgrs_ros.engine.evaluation import report as report_mod
 from cgrs_ros.engine.evaluation.metrics import t2i_from_scores
+import numpy as np
+import pytest
 
 
 def _run_report(shift, latency):

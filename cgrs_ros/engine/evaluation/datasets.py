@@ -340,9 +340,9 @@ def read_track4_submission(path):
 # ----------------------------------------------------------------------- project galleries
 
 def read_gallery_queries(path):
-    """Read a project query CSV (columns ``query``, ``group_id``; optional ``query_id``,
-    ``platform``) into an :class:`EvalSet` scored at group level.
+    """Read a project query CSV into an :class:`EvalSet` scored at group level.
 
+    Columns: ``query`` (or ``text``) and ``group_id``; optional ``query_id`` and ``platform``.
     Rows with an empty query or group id are skipped and listed in ``problems``.
     """
     path = Path(path)

@@ -34,8 +34,11 @@ def _title(report):
 
 
 def render_report_png(report, dpi=110):
-    """Return PNG bytes: Recall@K (K = 1..10) per method on top, a latency histogram per stage
-    below (methods overlaid)."""
+    """Return PNG bytes of a report's figure.
+
+    Recall@K (K = 1..10) per method on top, below it one latency histogram per stage with
+    the methods overlaid.
+    """
     figure_cls, canvas_cls = _matplotlib()
     methods = report.get('methods', {})
     if not methods:
@@ -45,7 +48,7 @@ def render_report_png(report, dpi=110):
         for stage, values in entry.get('latency_samples_ms', {}).items():
             if values and stage not in stages:
                 stages.append(stage)
-    hist_cols = min(3, max(1, len(stages)))
+    hist_cols = min(4, max(1, len(stages)))
     hist_rows = math.ceil(len(stages) / hist_cols) if stages else 0
     fig = figure_cls(figsize=(4.2 * hist_cols + 1.5, 4.2 + 3.0 * hist_rows), dpi=dpi)
     canvas_cls(fig)

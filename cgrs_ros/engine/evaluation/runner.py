@@ -130,8 +130,10 @@ def run_methods(gallery_dir, queries, methods, config_path=None, state_dir=None,
                 progress=True, max_k=CURVE_MAX_K):
     """Index the gallery once, then run every query with every method.
 
-    Returns ``(runs, base_config, stats)`` where ``runs[method]`` is ``(ranked ids per query,
-    timings per query)``.
+    Returns ``(runs, base_config, stats, index_summary)`` where ``runs[method]`` is
+    ``(ranked ids per query, timings per query)``. Each method answers one untimed warm-up
+    query first (the first query's text), so one-off costs such as lazy allocations in torch
+    do not land on the first measured query.
     """
     from cgrs_ros.engine.config import load_config
     from cgrs_ros.engine.indexer import index_gallery
@@ -139,7 +141,7 @@ def run_methods(gallery_dir, queries, methods, config_path=None, state_dir=None,
 
     base = load_config(config_path)
     _say(progress, f'indexing {gallery_dir} ...')
-    index_gallery(gallery_dir, base, state_dir=state_dir, progress=progress)
+    summary = index_gallery(gallery_dir, base, state_dir=state_dir, progress=progress)
     runs, stats = {}, {}
     for method in methods:
         overrides = dict(METHOD_OVERRIDES[method])
@@ -149,6 +151,8 @@ def run_methods(gallery_dir, queries, methods, config_path=None, state_dir=None,
         stats = retriever.stats()
         ranked, timings = [], []
         _say(progress, f'{method}: {len(queries)} queries ...')
+        if queries:
+            retriever.query(queries[0].text, top_k=max_k)
         for query in queries:
             start = time.perf_counter()
             result = retriever.query(query.text, top_k=max_k)
@@ -161,11 +165,12 @@ def run_methods(gallery_dir, queries, methods, config_path=None, state_dir=None,
         close = getattr(retriever, 'close', None)
         if close:
             close()
-    return runs, base, stats
+    return runs, base, stats, summary
 
 
-def _report(benchmark, eval_set, label_of, runs, methods, base, stats, inputs, problems,
-            notes=(), challenge_score=False):
+def _report(benchmark, eval_set, label_of, runs, methods, base, stats, summary, inputs,
+            problems, notes=(), challenge_score=False):
+    notes = list(notes)
     entries, absent = {}, []
     platforms = [q.platform for q in eval_set.queries]
     use_platforms = platforms if any(platforms) else None
@@ -182,10 +187,20 @@ def _report(benchmark, eval_set, label_of, runs, methods, base, stats, inputs, p
               'groups': len(groups), 'absent_queries': len(absent)}
     if 'captioned' in stats:
         counts['captioned'] = stats['captioned']
-    return report_mod.build_report(
+        if not stats['captioned'] and set(methods) & {'rerank', 'hybrid'}:
+            notes.append(f'no image has a caption from captioner {base.captioner.backend}: '
+                         f'rerank and hybrid fall back to the coarse order; caption the '
+                         f'gallery (cgrs caption) and run again')
+    problems = list(problems) + [str(s) for s in summary.skipped]
+    report = report_mod.build_report(
         benchmark, entries, counts, config=base.model_dump(mode='json'),
         encoders=_encoders(base, stats), inputs=inputs, absent_query_ids=absent,
         problems=problems, notes=notes)
+    report['index'] = {key: getattr(summary, key) for key in (
+        'indexed', 'unchanged', 'images_embedded', 'captions_embedded', 'state_dir',
+        'elapsed_s')}
+    report['index']['skipped'] = len(summary.skipped)
+    return report
 
 
 def _limit(eval_set, limit):
@@ -208,11 +223,11 @@ def evaluate_geotext(ann_path, images_root, config_path=None,
         work_dir, images_root, eval_set.images,
         lambda image: datasets.resolve_geotext_image(images_root, image))
     label_of = {image.image_id: image.group_id for image in kept}
-    runs, base, stats = run_methods(gallery_dir, eval_set.queries, methods, config_path,
-                                    progress=progress)
+    runs, base, stats, summary = run_methods(gallery_dir, eval_set.queries, methods,
+                                             config_path, progress=progress)
     notes = ['GeoText-1652 images carry no geo-reference: the evaluation manifest has lat/lon '
              '0; annotation captions are used as queries only, never as gallery descriptions.']
-    return _report('geotext', eval_set, label_of, runs, methods, base, stats,
+    return _report('geotext', eval_set, label_of, runs, methods, base, stats, summary,
                    {'ann': str(ann_path), 'images': str(images_root), 'work_dir': str(work_dir),
                     'config': str(config_path) if config_path else None},
                    eval_set.problems + missing, notes)
@@ -230,8 +245,8 @@ def evaluate_track4(queries_path, gallery_dir, gt_path=None, submission_path=Non
         work_dir, images_dir, eval_set.images,
         lambda image: images_dir / image.path if (images_dir / image.path).is_file() else None)
     label_of = {image.image_id: image.image_id for image in kept}
-    runs, base, stats = run_methods(eval_gallery, eval_set.queries, methods, config_path,
-                                    progress=progress)
+    runs, base, stats, summary = run_methods(eval_gallery, eval_set.queries, methods,
+                                             config_path, progress=progress)
     if submission_path:
         ranked = runs[methods[0]][0]
         datasets.write_track4_submission(
@@ -240,7 +255,7 @@ def evaluate_track4(queries_path, gallery_dir, gt_path=None, submission_path=Non
              'no submission written (pass --submission)']
     if not gt_path:
         notes.append('no ground truth given: recall figures are 0 and mean nothing')
-    report = _report('track4', eval_set, label_of, runs, methods, base, stats,
+    report = _report('track4', eval_set, label_of, runs, methods, base, stats, summary,
                      {'queries': str(queries_path), 'gallery': str(gallery_dir),
                       'gt': str(gt_path) if gt_path else None,
                       'submission': str(submission_path) if submission_path else None,
@@ -299,10 +314,11 @@ def evaluate_gallery(gallery_dir, queries_path, config_path=None,
     if not any(label_of.values()):
         raise GalleryError(f'the manifest of {gallery_dir} has no group_id values; add a '
                            f'group_id column naming the building or place of each image')
-    runs, base, stats = run_methods(gallery_dir, eval_set.queries, methods, config_path,
-                                    state_dir=state_dir, progress=progress)
+    runs, base, stats, summary = run_methods(gallery_dir, eval_set.queries, methods,
+                                             config_path, state_dir=state_dir,
+                                             progress=progress)
     problems = eval_set.problems + [str(p) for p in gallery.problems]
-    return _report('gallery', eval_set, label_of, runs, methods, base, stats,
+    return _report('gallery', eval_set, label_of, runs, methods, base, stats, summary,
                    {'gallery': str(gallery_dir), 'queries': str(queries_path),
                     'state_dir': str(state_dir) if state_dir else None,
                     'config': str(config_path) if config_path else None}, problems)
