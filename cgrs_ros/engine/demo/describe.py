@@ -32,9 +32,9 @@ COLOUR_WORDS = {
     'black': ('black', ('jet-black', 'blackish')),
 }
 SHAPE_WORDS = {
-    'rectangular': (('rectangular', 'box-like'), ('oblong', 'block-shaped')),
+    'rectangular': (('rectangular', 'box-like'), ('oblong', 'rectangular')),
     'L-shaped': (('L-shaped',), ('L-shaped', 'shaped like the letter L', 'two-winged')),
-    'circular': (('circular', 'round'), ('cylindrical', 'disc-shaped')),
+    'circular': (('circular', 'round'), ('cylindrical', 'round')),
     'courtyard': (('courtyard',), ('hollow-square', 'atrium')),
 }
 NOUNS = {
@@ -45,10 +45,10 @@ NOUNS = {
     'parking': (('parking lot', 'car park'), ('parking area', 'lot for cars')),
     'pond': (('pond',), ('small lake', 'pool of water', 'lake')),
     'roundabout': (('roundabout',), ('traffic circle', 'rotary')),
-    'bridge': (('bridge', 'road bridge'), ('river crossing', 'overpass')),
+    'bridge': (('bridge', 'road bridge'), ('river crossing', 'crossing')),
     'football pitch': (('football pitch', 'football field'), ('soccer field', 'soccer pitch')),
     'tennis courts': (('tennis courts',), ('tennis facility', 'tennis club courts')),
-    'plaza': (('plaza', 'paved square'), ('town square', 'piazza', 'public square')),
+    'plaza': (('plaza', 'pedestrian plaza'), ('town square', 'piazza', 'public square')),
     'river': (('the river',), ('the stream', 'the waterway', 'the canal')),
 }
 NUMBER_WORDS = {1: 'one', 2: 'two', 3: 'three', 4: 'four', 5: 'five'}
@@ -99,7 +99,7 @@ def visible_relations(world, view, anchor):
     out = []
     for f in world.in_box(e0, n0, e1, n1):
         if f is anchor or f.kind in ('car', 'ground', 'gardens', 'paving', 'lawn', 'park',
-                                     'sports ground', 'riverside park', 'path'):
+                                     'sports ground', 'riverside park'):
             continue
         if f.kind == 'tree' or f.kind == 'building' or f.kind == 'pool':
             pts = np.array([f.centre])
@@ -200,8 +200,10 @@ def anchor_phrase(feature, register, rng, detail=2):
         inner = 'one tree' if middle == 'a tree' else 'a lawn'
         return f'the {noun} with {inner} at its centre'
     if kind == 'bridge':
-        return _article(f'{noun} carrying a road over the river' if register == 'desc'
-                        else f'{noun} where a street crosses the water')
+        if register == 'desc':
+            return _article(f'{noun} across the river' if noun == 'road bridge'
+                            else f'{noun} carrying a road over the river')
+        return f'the {noun} where a street goes over the water'
     if kind == 'football pitch':
         axis = a['axis'] if detail >= 1 else ''
         if register == 'desc':
@@ -262,6 +264,8 @@ def neighbour_phrase(rel, register, rng):
         return NOUNS['river'][0 if register == 'desc' else 1][0]
     if f.kind == 'pool':
         return 'a swimming pool' if register == 'desc' else 'a small pool'
+    if f.kind == 'path':
+        return 'a footpath' if register == 'desc' else 'a walking trail'
     if f.kind in NOUNS:
         noun = noun_for(f, register, rng)
         return noun if noun.endswith('courts') else _article(noun)
@@ -378,9 +382,15 @@ def describe(ctx, rng):
         clauses.append(f'a road runs along its {ctx.road_side} side'
                        if ctx.platform == 'satellite' else
                        f'a road passes {ctx.road_side}')
+    if not clauses and tree_text:
+        clauses.append(f'{tree_text} stand around it')
+    if not clauses and river:
+        clauses.append(f'it lies {river}')
     if clauses:
         second += '; ' + ', and '.join(clauses) if len(clauses) <= 2 else \
             '; ' + ', '.join(clauses[:-1]) + ', and ' + clauses[-1]
+    else:
+        second += ' filling most of the picture'
     # 3: framed differently, other neighbours, trees.
     third = f'{frame[2]} {anchor_phrase(a, "desc", rng, detail=0)}'
     extra = shuffled[:1] if shuffled else []

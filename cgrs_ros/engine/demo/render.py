@@ -124,13 +124,36 @@ class _Canvas:
             self.draw.polygon(pts.ravel().tolist(), fill=fill)
             return
         width = max(1, int(round(shape.width / self.mpp)))
-        self.draw.line(pts.ravel().tolist(), fill=fill, width=width,
-                       joint='curve' if len(pts) > 2 else None)
-        if width > 3:
-            # Round caps, so street ends meet without notches at junctions.
-            r = width / 2
-            for x, y in (pts[0], pts[-1]):
-                self.draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        for run in self._visible_runs(pts, width):
+            self.draw.line(run.ravel().tolist(), fill=fill, width=width,
+                           joint='curve' if len(run) > 2 else None)
+            if width > 3:
+                # Round caps, so street ends meet without notches at junctions.
+                r = width / 2
+                for x, y in (run[0], run[-1]):
+                    self.draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+
+    def _visible_runs(self, pts, width):
+        """Split a long polyline into the runs near the canvas (the river spans the town)."""
+        if len(pts) <= 8:
+            return [pts]
+        margin = width + 2
+        near = ((pts[:, 0] > -margin) & (pts[:, 0] < self.px + margin)
+                & (pts[:, 1] > -margin) & (pts[:, 1] < self.px + margin))
+        # Keep each vertex next to a visible one, so segments crossing the edge stay whole.
+        keep = near.copy()
+        keep[1:] |= near[:-1]
+        keep[:-1] |= near[1:]
+        runs, start = [], None
+        for i, flag in enumerate(keep):
+            if flag and start is None:
+                start = i
+            elif not flag and start is not None:
+                runs.append(pts[start:i])
+                start = None
+        if start is not None:
+            runs.append(pts[start:])
+        return [run for run in runs if len(run) >= 2]
 
 
 def render_view(world, view, rng):
@@ -169,8 +192,9 @@ def render_view(world, view, rng):
         quad = canvas.local_to_px(view.ground_quad())
         corners = [(0, 0), (out_px, 0), (out_px, out_px), (0, out_px)]
         coeffs = _homography(corners, quad)
+        # Bilinear is enough: the result is reduced 2x right after.
         image = image.transform((out_px, out_px), Image.Transform.PERSPECTIVE,
-                                tuple(coeffs.tolist()), Image.Resampling.BICUBIC)
+                                tuple(coeffs.tolist()), Image.Resampling.BILINEAR)
     else:
         off = (canvas.px - out_px) // 2
         image = image.crop((off, off, off + out_px, off + out_px))

@@ -146,6 +146,17 @@ def point_polyline_distance(point, line):
     return float(d[i]), proj[i]
 
 
+def polyline_distances(points, line):
+    """Return the distance (m) from each of (N, 2) points to a polyline, vectorised."""
+    a, b = line[:-1], line[1:]
+    ab = b - a
+    length2 = np.maximum(np.einsum('ij,ij->i', ab, ab), 1e-12)
+    rel = points[:, None, :] - a[None, :, :]
+    t = np.clip(np.einsum('nij,ij->ni', rel, ab) / length2, 0.0, 1.0)
+    proj = a[None] + t[..., None] * ab[None]
+    return np.min(np.hypot(*(proj - points[:, None, :]).transpose(2, 0, 1)), axis=1)
+
+
 def _segment_polyline_crossings(p, q, line):
     """Return the points where segment p-q crosses the polyline, ordered from p."""
     a, b = line[:-1], line[1:]
@@ -249,8 +260,7 @@ class _Builder:
         for p, q, width, main in segments:
             length = float(np.hypot(*(q - p)))
             samples = p + (q - p) * np.linspace(0, 1, max(2, int(length / 5)))[:, None]
-            wet = sum(point_polyline_distance(pt, river)[0] < river_width / 2 + 2.0
-                      for pt in samples)
+            wet = int(np.sum(polyline_distances(samples, river) < river_width / 2 + 2.0))
             if wet * length / len(samples) > 2.5 * river_width:
                 # A street would run along the river bed here: leave it out.
                 continue
@@ -667,20 +677,24 @@ class _Builder:
         self.ground(box, GRASS, kind='sports ground')
         w, h = x1 - x0, y1 - y0
         along_x = w >= h
-        pl, pw = (min(95.0, w - 40.0), min(62.0, h - 16.0)) if along_x else \
-            (min(95.0, h - 40.0), min(62.0, w - 16.0))
+        pl, pw = (min(72.0, w - 40.0), min(46.0, h - 16.0)) if along_x else \
+            (min(72.0, h - 40.0), min(46.0, w - 16.0))
         if pl < 40 or pw < 25:
             self.courts(box)
             return
-        track = self.rng.random() < 0.5 and pw + 16 < (h if along_x else w) - 6
-        px = x0 + 6 + (pl + 16) / 2 if along_x else (x0 + x1) / 2
-        py = (y0 + y1) / 2 if along_x else y0 + 6 + (pl + 16) / 2
+        long_side = w if along_x else h
+        track = (self.rng.random() < 0.5 and pw + 10 < (h if along_x else w) - 6
+                 and pl + pw + 10 < long_side - 8)
+        # Length the pitch (with its track, if any) takes along the block.
+        span = pl + (pw + 10 if track else 16)
+        px = x0 + 4 + span / 2 if along_x else (x0 + x1) / 2
+        py = (y0 + y1) / 2 if along_x else y0 + 4 + span / 2
         a = 0.0 if along_x else math.pi / 2
         shapes = []
         if track:
-            tw = pw + 14.0
+            tw = pw + 10.0
             stadium = _stadium(px, py, pl + tw, tw, a)
-            inner = _stadium(px, py, pl + tw - 11.0, tw - 11.0, a)
+            inner = _stadium(px, py, pl + tw - 8.0, tw - 8.0, a)
             shapes += [Shape('poly', stadium, TRACK_RED, L_ROAD),
                        Shape('poly', inner, PITCH_GREEN, L_ROAD)]
         lw, lh = (pl, pw) if along_x else (pw, pl)
@@ -694,20 +708,19 @@ class _Builder:
         else:
             shapes.append(Shape('line', np.array([[px - lw / 2, py], [px + lw / 2, py]]),
                                 MARKING, L_MARK, 0.5))
-        circle = ellipse(px, py, 9.0, 9.0)
+        circle = ellipse(px, py, 7.0, 7.0)
         shapes.append(Shape('line', np.vstack([circle, circle[:1]]), MARKING, L_MARK, 0.5))
         for sign in (-1, 1):
             if along_x:
-                box_pts = rect(px + sign * (lw / 2 - 8), py, 16, 36)
+                box_pts = rect(px + sign * (lw / 2 - 6.5), py, 13, 30)
             else:
-                box_pts = rect(px, py + sign * (lh / 2 - 8), 36, 16)
+                box_pts = rect(px, py + sign * (lh / 2 - 6.5), 30, 13)
             shapes.append(Shape('line', np.vstack([box_pts, box_pts[:1]]), MARKING, L_MARK,
                                 0.5))
         self.add('football pitch', (px, py), shapes, anchor=True, track=track,
                  axis='east-west' if along_x else 'north-south')
         # Tennis courts or a clubhouse in the rest of the block.
-        rest = (px + (pl + 16) / 2 + 4, y0, x1, y1) if along_x else \
-            (x0, py + (pl + 16) / 2 + 4, x1, y1)
+        rest = (x0 + span + 8, y0, x1, y1) if along_x else (x0, y0 + span + 8, x1, y1)
         if (rest[2] - rest[0]) > 22 and (rest[3] - rest[1]) > 22:
             self.courts(rest)
 
@@ -883,13 +896,10 @@ def build_world(rng, side):
                     'sports': 'sports', 'parking': 'retail', 'plaza': 'plaza',
                     'campus': 'campus'}[use])(box)
     # Trees may have been scattered over the river: drop those.
-    keep = []
-    for f in b.features:
-        if f.kind == 'tree':
-            d, _ = point_polyline_distance(np.array(f.centre), river)
-            if d < river_width / 2 + 5 + f.attrs['radius']:
-                continue
-        keep.append(f)
+    trees = [f for f in b.features if f.kind == 'tree']
+    dist = polyline_distances(np.array([f.centre for f in trees]), river)
+    wet = {f.fid for f, d in zip(trees, dist) if d < river_width / 2 + 5 + f.attrs['radius']}
+    keep = [f for f in b.features if f.fid not in wet]
     for k, f in enumerate(keep):
         f.fid = k
     return World(side=side, features=keep, river=river, river_width=river_width,
