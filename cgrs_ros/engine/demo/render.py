@@ -45,17 +45,12 @@ class View:
         return np.array([[-half * far, half * far], [half * far, half * far],
                          [half * near, -half * near], [-half * near, -half * near]])
 
-    def footprint(self):
-        """Return the ground footprint (4, 2) in world east/north metres."""
+    def footprint_polygon(self):
+        """Return the ground footprint as a (4, 2) array of world east/north metres."""
         right, forward = self.axes
         quad = self.ground_quad()
-        return self.e + quad[:, :1] * right[0] + quad[:, 1:] * forward[0], \
-            self.n + quad[:, :1] * right[1] + quad[:, 1:] * forward[1]
-
-    def footprint_polygon(self):
-        """Return the footprint as an (4, 2) array of east/north metres."""
-        e, n = self.footprint()
-        return np.hstack([e, n])
+        return (np.array([self.e, self.n]) + quad[:, :1] * right[None, :]
+                + quad[:, 1:] * forward[None, :])
 
 
 def points_in_view(view, pts, margin=0.0):

@@ -607,7 +607,7 @@ class _Builder:
         return lot
 
     def retail(self, box):
-        """A big-box store with its parking lot (and a row of trees between)."""
+        """Lay out a big-box store with its parking lot (and a row of trees between)."""
         x0, y0, x1, y1 = box
         w, h = x1 - x0, y1 - y0
         split = self.uniform(0.4, 0.55)
