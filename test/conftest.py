@@ -25,13 +25,27 @@ _BASE_DOMAIN = int(os.environ.get('ROS_DOMAIN_ID') or random.randint(1, 100))
 _domains = itertools.count()
 
 
+def _next_domain():
+    return 1 + (_BASE_DOMAIN - 1 + next(_domains)) % 100
+
+
 @pytest.fixture
 def ros_domain(monkeypatch):
     """Give this test a ROS_DOMAIN_ID of its own (set in os.environ for child processes too)."""
-    domain = 1 + (_BASE_DOMAIN - 1 + next(_domains)) % 100
+    domain = _next_domain()
     monkeypatch.setenv('ROS_DOMAIN_ID', str(domain))
     monkeypatch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     return domain
+
+
+@pytest.fixture(scope='module')
+def module_ros_domain():
+    """A ROS_DOMAIN_ID shared by the tests of one module (for a stack started once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        domain = _next_domain()
+        patch.setenv('ROS_DOMAIN_ID', str(domain))
+        patch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+        yield domain
 
 
 # ---- engine fixtures: tiny real models saved to disk and loaded through the real loaders ----

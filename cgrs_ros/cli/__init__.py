@@ -20,6 +20,9 @@ SUBCOMMAND_MODULES = (
     'launch',
     'goal',
     'gallery',
+    'index',
+    'query',
+    'bench',
 )
 
 
@@ -31,8 +34,24 @@ def build_parser():
     parser.add_argument('--version', action='version', version=f'cgrs {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name in SUBCOMMAND_MODULES:
-        importlib.import_module(f'{__name__}.{name}').register(subparsers)
+        try:
+            module = importlib.import_module(f'{__name__}.{name}')
+        except ImportError as exc:
+            _register_unavailable(subparsers, name, exc)
+        else:
+            module.register(subparsers)
     return parser
+
+
+def _register_unavailable(subparsers, name, exc):
+    """Keep a subcommand whose module cannot be imported visible, saying why when run."""
+    parser = subparsers.add_parser(name, help=f'(unavailable: {exc})', add_help=False)
+    parser.add_argument('rest', nargs=argparse.REMAINDER)
+
+    def unavailable(args):
+        raise CgrsError(f'this subcommand cannot be imported ({type(exc).__name__}: {exc}); '
+                        'run `make setup` (or reinstall cgrs_ros) to install what it needs')
+    parser.set_defaults(func=unavailable)
 
 
 def main(argv=None):

@@ -107,6 +107,10 @@ class Job:
 
 def validate_goal_text(text, max_length):
     """Return the goal stripped, or raise ValueError with a reason a user can act on."""
+    if '\ufffd' in text:
+        # rclpy turns bytes that are not UTF-8 into U+FFFD replacement characters.
+        raise ValueError('goal text could not be decoded as UTF-8 (it holds replacement '
+                         'characters); publish the description as UTF-8 text')
     stripped = text.strip()
     if not stripped:
         raise ValueError('goal text is empty; send a description of the place, e.g. '
@@ -139,13 +143,14 @@ class RetrievalNode(Node):
                              reliability=ReliabilityPolicy.RELIABLE)
         self._pose_pub = self.create_publisher(PoseStamped, '/goal_pose', 1)
         self._fix_pub = self.create_publisher(NavSatFix, 'goal_fix', 1)
-        self._result_pub = self.create_publisher(RetrievalResult, 'result', 10)
+        # Deep enough that a burst of goals is answered one result each (busy or not).
+        self._result_pub = self.create_publisher(RetrievalResult, 'result', 50)
         self._marker_pub = self.create_publisher(MarkerArray, 'candidates', latched)
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
 
         # raw=True: the node decodes the String itself, so text that is not UTF-8 becomes an
         # error result instead of an exception inside the executor.
-        self.create_subscription(String, 'goal_text', self._on_goal_text, 10, raw=True)
+        self.create_subscription(String, 'goal_text', self._on_goal_text, 50, raw=True)
         self.create_subscription(UInt32, 'captions_updated', self._on_captions_updated, 10)
         self._action = ActionServer(
             self, Retrieve, 'retrieve', execute_callback=self._execute,
@@ -192,7 +197,7 @@ class RetrievalNode(Node):
         try:
             text = validate_goal_text(text, self.params['max_goal_length'])
         except ValueError as exc:
-            self._reject(text[:200], str(exc))
+            self._reject(text[:200].replace('\ufffd', '?'), str(exc))
             return
         job = Job(text=text, top_k=self.params['top_k'], platform='', source='topic')
         self._enqueue(job)
@@ -364,7 +369,6 @@ class RetrievalNode(Node):
         job.feedback('publish', 0.9)
         self._served += 1
         self._last_latency_ms = result.total_ms
-        self._result_pub.publish(result)
         if result.status == RetrievalResult.STATUS_OK:
             best = result.candidates[0]
             self.get_logger().info(
@@ -376,6 +380,7 @@ class RetrievalNode(Node):
             self._marker_pub.publish(convert.candidate_markers(result))
         else:
             self.get_logger().warning(result.error)
+        self._result_pub.publish(result)  # last: whoever sees it has already got the pose
         job.feedback('done', 1.0)
         return result
 
