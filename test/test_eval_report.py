@@ -88,7 +88,7 @@ def test_cli_compare_and_plot(tmp_path, capsys):
     report_mod.write_report(b, _run_report(1, 20.0))
     assert main(['eval', 'compare', str(a), str(b)]) == 0
     out = capsys.readouterr().out
-    assert 't2i_r1' in out and 'delta' in out
+    assert 't2i_r1' in out and 'B - A' in out
     assert main(['eval', 'compare', str(a), str(b), '--json']) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows['metrics'][0][0] == 'coarse'
@@ -121,3 +121,15 @@ def test_cli_scores_a_track4_submission(tmp_path, capsys):
     assert report_mod.load_report(out)['methods']['submission']['metrics'] == metrics
     assert main(['eval', 'track4', '--from-submission', str(sub)]) == 2
     assert '--gt' in capsys.readouterr().err
+
+
+def test_compare_pairs_methods_with_different_names(capsys):
+    a, b = _run_report(0, 10.0), _run_report(1, 20.0)
+    b['methods']['config'] = b['methods'].pop('coarse')
+    assert report_mod.compare_reports(a, b)['metrics'] == []
+    rows = report_mod.compare_reports(a, b, [('coarse', 'config')])
+    assert rows['metrics'][0][:2] == ('coarse->config', 't2i_r1')
+    with pytest.raises(CgrsError, match="no method 'hybrid'"):
+        report_mod.compare_reports(a, b, [('hybrid', 'config')])
+    assert 'no method in common' in report_mod.format_comparison(
+        report_mod.compare_reports(a, b))

@@ -94,7 +94,16 @@ def run_compare(args):
 
     a = report_mod.load_report(args.a)
     b = report_mod.load_report(args.b)
-    rows = report_mod.compare_reports(a, b)
+    pairs = None
+    if args.pair:
+        pairs = []
+        for text in args.pair:
+            name_a, sep, name_b = text.partition(':')
+            if not sep or not name_a or not name_b:
+                raise CgrsError(f'--pair {text!r} is not A_METHOD:B_METHOD, e.g. '
+                                'hybrid:config')
+            pairs.append((name_a, name_b))
+    rows = report_mod.compare_reports(a, b, pairs)
     if args.json:
         _print_json(rows)
     else:
@@ -176,6 +185,9 @@ def register(subparsers):
     compare = sub.add_parser('compare', help='print the deltas between two reports')
     compare.add_argument('a', metavar='A.json')
     compare.add_argument('b', metavar='B.json')
+    compare.add_argument('--pair', action='append', metavar='A_METHOD:B_METHOD',
+                         help='compare method A_METHOD of A with B_METHOD of B (repeatable; '
+                              'default: the methods both reports have)')
     compare.add_argument('--json', action='store_true', help='print the rows as JSON')
     compare.set_defaults(func=run_compare)
 

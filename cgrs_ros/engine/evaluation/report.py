@@ -179,8 +179,12 @@ def _flatten(value, prefix=''):
     return {prefix: value}
 
 
-def compare_reports(a, b):
+def compare_reports(a, b, pairs=None):
     """Return the differences between two reports as a dict of rows.
+
+    ``pairs`` lists ``(method in a, method in b)`` to compare; by default every method name
+    the two reports share is compared with itself. A pair of different names is reported
+    under ``'name_a->name_b'``.
 
     ``metrics``: ``(method, metric, a, b, b - a)`` for every metric both runs have, per
     platform included (as ``platform/metric``); ``latency``: the same for p50/p95/mean per
@@ -190,8 +194,15 @@ def compare_reports(a, b):
     rows = {'metrics': [], 'latency': [], 'config': [], 'counts': []}
     methods_a = a.get('methods', {})
     methods_b = b.get('methods', {})
-    for method in [m for m in methods_a if m in methods_b]:
-        ea, eb = methods_a[method], methods_b[method]
+    if pairs is None:
+        pairs = [(m, m) for m in methods_a if m in methods_b]
+    for name_a, name_b in pairs:
+        for name, methods, which in ((name_a, methods_a, 'A'), (name_b, methods_b, 'B')):
+            if name not in methods:
+                raise CgrsError(f'report {which} has no method {name!r}; it has '
+                                f'{", ".join(methods) or "none"}')
+        method = name_a if name_a == name_b else f'{name_a}->{name_b}'
+        ea, eb = methods_a[name_a], methods_b[name_b]
         for metric, va in ea.get('metrics', {}).items():
             vb = eb.get('metrics', {}).get(metric)
             if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
@@ -217,8 +228,8 @@ def compare_reports(a, b):
     for key in sorted(set(ca) | set(cb)):
         if ca.get(key) != cb.get(key):
             rows['counts'].append((key, ca.get(key), cb.get(key)))
-    only_a = sorted(set(methods_a) - set(methods_b))
-    only_b = sorted(set(methods_b) - set(methods_a))
+    only_a = sorted(set(methods_a) - {p[0] for p in pairs})
+    only_b = sorted(set(methods_b) - {p[1] for p in pairs})
     rows['methods_only_in_a'] = only_a
     rows['methods_only_in_b'] = only_b
     return rows
@@ -226,23 +237,25 @@ def compare_reports(a, b):
 
 def format_comparison(rows, name_a='A', name_b='B'):
     """Return a human-readable table of :func:`compare_reports` rows."""
-    lines = []
+    lines = [f'A = {name_a}', f'B = {name_b}']
     if rows['counts']:
         lines.append('WARNING: the runs differ in counts, so figures are not directly '
                      'comparable:')
         lines.extend(f'  {key}: {va} -> {vb}' for key, va, vb in rows['counts'])
-    lines.append(f"{'method':10s} {'metric':28s} {name_a[:10]:>10s} {name_b[:10]:>10s} "
-                 f"{'delta':>9s}")
+    width = max([10] + [len(row[0]) for row in rows['metrics'] + rows['latency']])
+    lines.append(f"{'method':{width}s} {'metric':28s} {'A':>10s} {'B':>10s} {'B - A':>9s}")
     for method, metric, va, vb, delta in rows['metrics']:
-        lines.append(f'{method:10s} {metric:28s} {va:10.2f} {vb:10.2f} {delta:+9.2f}')
+        lines.append(f'{method:{width}s} {metric:28s} {va:10.2f} {vb:10.2f} {delta:+9.2f}')
+    if not rows['metrics']:
+        lines.append('(no method in common; pick pairs with --pair A_METHOD:B_METHOD)')
     if rows['latency']:
         lines.append('latency ms:')
         for method, metric, va, vb, delta in rows['latency']:
-            lines.append(f'{method:10s} {metric:28s} {va:10.2f} {vb:10.2f} {delta:+9.2f}')
+            lines.append(f'{method:{width}s} {metric:28s} {va:10.2f} {vb:10.2f} {delta:+9.2f}')
     if rows['config']:
         lines.append('settings that differ:')
         lines.extend(f'  {key}: {va!r} -> {vb!r}' for key, va, vb in rows['config'])
-    for key, label in (('methods_only_in_a', name_a), ('methods_only_in_b', name_b)):
+    for key, label in (('methods_only_in_a', 'A'), ('methods_only_in_b', 'B')):
         if rows.get(key):
-            lines.append(f"methods only in {label}: {', '.join(rows[key])}")
+            lines.append(f"methods not compared in {label}: {', '.join(rows[key])}")
     return '\n'.join(lines)

@@ -117,7 +117,9 @@ def _say(progress, message):
 def _encoders(config, stats):
     image = config.image_encoder
     image_name = f'{image.backend}:{image.model}'
-    if image.pretrained:
+    if image.backend == 'none':
+        image_name = 'none (caption channel only)'
+    elif image.pretrained:
         image_name += f' ({image.pretrained})'
     return {
         'image_encoder': stats.get('image_encoder') or image_name,
