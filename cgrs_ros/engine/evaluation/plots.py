@@ -10,6 +10,7 @@ import math
 
 from cgrs_ros.engine.errors import CgrsError
 from cgrs_ros.engine.storage import atomic_write_bytes
+import numpy as np
 
 
 def _matplotlib():
@@ -69,7 +70,7 @@ def render_report_png(report, dpi=110):
     ax.set_xticks(range(1, 11))
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc='lower right')
+    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     ax.set_title(_title(report), fontsize=10)
 
     for i, stage in enumerate(stages):
@@ -78,16 +79,26 @@ def render_report_png(report, dpi=110):
                   if entry.get('latency_samples_ms', {}).get(stage)]
         low = min(min(v) for _, v in series)
         high = max(max(v) for _, v in series)
-        bins = 30 if high > low else 1
+        # Latencies have long tails (model warm-up, a busy machine): log-spaced bins keep
+        # both the bulk and the tail readable when they span more than a decade.
+        floor = max(low, 0.01)
+        log_scale = high / floor > 10.0
+        if log_scale:
+            bins = np.geomspace(floor, high, 31)
+        else:
+            bins = np.linspace(low, high if high > low else low + 1.0, 31)
         for name, values in series:
             stats = methods[name].get('latency_ms', {}).get(stage, {})
             label = name
             if stats.get('p50') is not None:
                 label += f" p50 {stats['p50']:.1f} / p95 {stats['p95']:.1f}"
-            ax.hist(values, bins=bins, range=(low, high if high > low else low + 1.0),
-                    histtype='step', linewidth=1.5, color=colors[name], label=label)
+            clipped = np.clip(values, bins[0], bins[-1])
+            ax.hist(clipped, bins=bins, histtype='step', linewidth=1.5, color=colors[name],
+                    label=label)
+        if log_scale:
+            ax.set_xscale('log')
         ax.set_title(f'{stage} latency', fontsize=10)
-        ax.set_xlabel('ms')
+        ax.set_xlabel('ms (log scale)' if log_scale else 'ms')
         ax.set_ylabel('queries')
         ax.legend(fontsize=7)
     fig.tight_layout()
