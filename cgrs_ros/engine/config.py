@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from cgrs_ros.engine.errors import ConfigError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_validator,
+                      ValidationError)
 import yaml
 
 DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
@@ -33,6 +34,8 @@ class ImageEncoderConfig(_Section):
     pretrained: Optional[str] = 'laion2b_s34b_b79k'
     device: str = 'cpu'
     batch_size: int = Field(32, ge=1, le=4096)
+    # torch CPU threads for this encoder's forward passes; 0 = torch's default (all cores).
+    threads: int = Field(0, ge=0, le=256)
 
 
 class TextEncoderConfig(_Section):
@@ -44,6 +47,7 @@ class TextEncoderConfig(_Section):
     model: str = DEFAULT_TEXT_MODEL
     device: str = 'cpu'
     batch_size: int = Field(64, ge=1, le=4096)
+    threads: int = Field(0, ge=0, le=256)
 
 
 class CaptionerConfig(BaseModel):
@@ -66,6 +70,17 @@ class CaptionerConfig(BaseModel):
             raise ValueError(f'unknown captioner backend {value!r}; use one of '
                              f'{", ".join(CAPTIONER_BACKENDS)}')
         return value
+
+    @model_validator(mode='after')
+    def _backend_keys(self):
+        # The VLM backends own their keys; let them check the section now (a typo fails at
+        # start-up, not hours into a captioning run). Raises ConfigError naming the key.
+        try:
+            from cgrs_ros.engine.captioners.base import CaptionerSettings
+        except ImportError:
+            return self
+        CaptionerSettings.from_section(self.model_dump())
+        return self
 
 
 class RetrievalConfig(_Section):
@@ -156,3 +171,5 @@ def load_config(path=None, overrides=None):
         return EngineConfig.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, source) from None
+    except ConfigError as exc:  # from a captioner backend's own validation
+        raise ConfigError(f'{source}: {exc}') from None

@@ -18,6 +18,7 @@ open_clip, transformers and sentence-transformers import torchvision, which need
 
 import abc
 import collections
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -38,6 +39,12 @@ def _normalize(array):
     return np.ascontiguousarray(array / np.maximum(norms, 1e-12))
 
 
+def _reason(exc, limit=300):
+    """An exception as one short line, for embedding in a one-sentence error."""
+    text = ' '.join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
 def _stat_fingerprint(paths):
     """Short hash of (name, size, mtime) of files: changes when a checkpoint is replaced."""
     digest = hashlib.sha1()
@@ -55,12 +62,35 @@ def _dir_fingerprint(folder):
 
 
 class _Counting:
-    """Counts model calls, so callers (and tests) can tell whether any model work happened."""
+    """Counts model calls, so callers (and tests) can tell whether any model work happened.
+
+    Also holds the torch CPU thread count of the encoder's forward passes (``threads``, 0 =
+    leave torch's setting alone). On a machine whose cores are busy with other work, torch's
+    default of one OpenMP thread per core can make a one-sentence forward pass 10-50x slower
+    than a single thread (threads spin waiting for each other); 1 is then the better choice.
+    """
+
+    threads = 0
 
     def __init__(self):
         self.images_encoded = 0
         self.texts_encoded = 0
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+
+    @contextlib.contextmanager
+    def _forward(self):
+        """Serialize forward passes and apply this encoder's torch thread count."""
+        with self._lock:
+            if not self.threads:
+                yield
+                return
+            import torch
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(before)
 
 
 class ImageTextEncoder(_Counting, abc.ABC):
@@ -75,7 +105,7 @@ class ImageTextEncoder(_Counting, abc.ABC):
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
-        with self._lock:
+        with self._forward():
             for start in range(0, len(images), self.batch_size):
                 out.append(self._encode_images(images[start:start + self.batch_size]))
             self.images_encoded += len(images)
@@ -86,7 +116,7 @@ class ImageTextEncoder(_Counting, abc.ABC):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
-        with self._lock:
+        with self._forward():
             for start in range(0, len(texts), self.batch_size):
                 out.append(self._encode_texts(list(texts[start:start + self.batch_size])))
             self.texts_encoded += len(texts)
@@ -112,7 +142,7 @@ class TextEncoder(_Counting, abc.ABC):
         """Return float32 L2-normalized embeddings (n, dim) of texts."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock:
+        with self._forward():
             out = self._encode_texts(list(texts))
             self.texts_encoded += len(texts)
         return _normalize(out)
@@ -184,9 +214,10 @@ class OpenClipEncoder(ImageTextEncoder):
     """open_clip dual encoder, loaded by name + tag, ``local-dir:``, ``hf-hub:`` or file."""
 
     def __init__(self, model, pretrained=None, device='cpu', batch_size=32,
-                 allow_random_init=False):
+                 allow_random_init=False, threads=0):
         """Load the model; random weights only when ``allow_random_init`` (benchmarks)."""
         super().__init__()
+        self.threads = threads
         schema, target = _open_clip_parts(model, pretrained)
         if schema == 'random' and not allow_random_init:
             raise ModelLoadError(
@@ -215,21 +246,44 @@ class OpenClipEncoder(ImageTextEncoder):
         except Exception as exc:  # hub/cache/checkpoint failures arrive as many types
             if schema == 'tag':
                 raise ModelLoadError(
-                    f'open_clip weights {model}/{target} are not available offline ({exc}); '
-                    + _open_clip_fetch_hint(model, target)) from None
+                    f'open_clip weights {model}/{target} are not available offline '
+                    f'({_reason(exc)}); ' + _open_clip_fetch_hint(model, target)) from None
             if schema == 'hf-hub':
                 raise ModelLoadError(
-                    f'open_clip model {model} could not be loaded ({exc}); on a machine with '
-                    f'internet run `huggingface-cli download {target} --local-dir DIR`, copy '
+                    f'open_clip model {model} could not be loaded ({_reason(exc)}); on a machine '
+                    f'with internet run `huggingface-cli download {target} --local-dir DIR`, copy '
                     "DIR here and set image_encoder.model to 'local-dir:DIR'") from None
             raise ModelLoadError(
                 f'open_clip model {model} (pretrained {pretrained}) could not be loaded '
-                f'({exc}); check that the checkpoint matches the architecture') from None
+                f'({_reason(exc)}); check that the checkpoint matches the architecture') from None
         self._model, self._preprocess = created[0].eval(), created[2]
         self._device = device
         self.batch_size = batch_size
+        self._trim = self._can_trim(open_clip)
         self.dim = int(self.encode_texts(['probe']).shape[1])
         self.texts_encoded = 0
+
+    def _can_trim(self, open_clip):
+        """Whether text can run on the used context only (exactly equal results, checked).
+
+        open_clip pads every text to 77 tokens. A CLIP text tower with a causal mask that
+        pools at the end-of-text token (the highest token id, 'argmax' pooling) never lets the
+        padding after that token influence the result, so running only up to the longest
+        end-of-text position of the batch gives the same vectors several times faster for
+        short queries. open_clip has no option for this, so _encode_texts re-states the steps
+        of CLIP.encode_text with sliced positions (hand-written); this check compares both on a
+        probe text and falls back to the library's own path if they differ.
+        """
+        model = self._model
+        if (type(model) is not open_clip.CLIP or getattr(model, 'text_pool_type', None)
+                != 'argmax' or getattr(model, 'attn_mask', None) is None):
+            return False
+        torch = self._torch
+        tokens = self._tokenizer(['a red roof beside a round plaza']).to(self._device)
+        with torch.inference_mode():
+            full = model.encode_text(tokens).float()
+            trimmed = self._encode_trimmed(tokens).float()
+        return bool(torch.allclose(full, trimmed, atol=1e-4, rtol=1e-4))
 
     def _encode_images(self, images):
         torch = self._torch
@@ -241,7 +295,26 @@ class OpenClipEncoder(ImageTextEncoder):
         torch = self._torch
         tokens = self._tokenizer(texts).to(self._device)
         with torch.inference_mode():
+            if self._trim:
+                return self._encode_trimmed(tokens).float().cpu().numpy()
             return self._model.encode_text(tokens).float().cpu().numpy()
+
+    def _encode_trimmed(self, tokens):
+        """CLIP.encode_text on the first L positions, L = last end-of-text position + 1."""
+        from open_clip.transformer import text_global_pool
+        model = self._model
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        tokens = tokens[:, :length]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)
+        x = text_global_pool(x, tokens, model.text_pool_type)
+        if model.text_projection is not None:
+            if isinstance(model.text_projection, self._torch.nn.Linear):
+                return model.text_projection(x)
+            return x @ model.text_projection
+        return x
 
 
 # ----------------------------------------------------------------------------- hf_clip
@@ -262,9 +335,10 @@ def hf_clip_identity(model):
 class HfClipEncoder(ImageTextEncoder):
     """transformers dual encoder (CLIPModel, SiglipModel, ...) from a model id or folder."""
 
-    def __init__(self, model, device='cpu', batch_size=32):
+    def __init__(self, model, device='cpu', batch_size=32, threads=0):
         """Load the model and its processor."""
         super().__init__()
+        self.threads = threads
         self.identity = hf_clip_identity(model)
         ensure_torchvision()
         import torch
@@ -276,7 +350,7 @@ class HfClipEncoder(ImageTextEncoder):
             self._processor = transformers.AutoProcessor.from_pretrained(source)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
-                f'hf_clip model {model!r} could not be loaded ({exc}); on a machine with '
+                f'hf_clip model {model!r} could not be loaded ({_reason(exc)}); on a machine with '
                 f'internet run `huggingface-cli download {model} --local-dir DIR`, copy DIR here '
                 'and set image_encoder.model to it') from None
         if not hasattr(self._model, 'get_text_features') or not hasattr(
@@ -286,6 +360,9 @@ class HfClipEncoder(ImageTextEncoder):
                 'image-text encoder; use a CLIP or SigLIP checkpoint')
         # SigLIP was trained on max-length padded text; CLIP uses an attention mask.
         self._padding = 'max_length' if 'siglip' in self._model.config.model_type else True
+        # Truncate to the text tower's positions (a saved tokenizer may not record them).
+        text_config = getattr(self._model.config, 'text_config', None)
+        self._max_length = getattr(text_config, 'max_position_embeddings', None)
         self._device = device
         self.batch_size = batch_size
         self.dim = int(self.encode_texts(['probe']).shape[1])
@@ -308,7 +385,7 @@ class HfClipEncoder(ImageTextEncoder):
     def _encode_texts(self, texts):
         torch = self._torch
         inputs = self._processor(text=texts, padding=self._padding, truncation=True,
-                                 return_tensors='pt')
+                                 max_length=self._max_length, return_tensors='pt')
         inputs = {k: v.to(self._device) for k, v in inputs.items()
                   if k in ('input_ids', 'attention_mask')}
         with torch.inference_mode():
@@ -351,9 +428,10 @@ def text_encoder_identity(cfg):
 class SentenceTransformerEncoder(TextEncoder):
     """sentence-transformers model (all-MiniLM-L6-v2 by default, offline from its package)."""
 
-    def __init__(self, model='all-MiniLM-L6-v2', device='cpu', batch_size=64):
+    def __init__(self, model='all-MiniLM-L6-v2', device='cpu', batch_size=64, threads=0):
         """Load the model (ModelLoadError naming how to fetch it when it is missing)."""
         super().__init__()
+        self.threads = threads
         source, self.identity = _resolve_text_model(model)
         ensure_torchvision()
         import sentence_transformers
@@ -364,7 +442,7 @@ class SentenceTransformerEncoder(TextEncoder):
                     f'on a machine with internet run `huggingface-cli download {model} '
                     '--local-dir DIR`, copy DIR here and set text_encoder.model to it')
             raise ModelLoadError(
-                f'text encoder {model!r} could not be loaded ({exc}); {hint}') from None
+                f'text encoder {model!r} could not be loaded ({_reason(exc)}); {hint}') from None
         self.batch_size = batch_size
         dim = getattr(self._model, 'get_embedding_dimension', None) or getattr(
             self._model, 'get_sentence_embedding_dimension')
@@ -415,15 +493,16 @@ def load_image_encoder(cfg):
     identity = image_encoder_identity(cfg)
     if identity is None:
         return None
-    key = (identity, cfg.device, cfg.batch_size)
+    key = (identity, cfg.device, cfg.batch_size, cfg.threads)
     if cfg.backend == 'open_clip':
         return _cached(key, lambda: OpenClipEncoder(cfg.model, cfg.pretrained, cfg.device,
-                                                    cfg.batch_size))
-    return _cached(key, lambda: HfClipEncoder(cfg.model, cfg.device, cfg.batch_size))
+                                                    cfg.batch_size, threads=cfg.threads))
+    return _cached(key, lambda: HfClipEncoder(cfg.model, cfg.device, cfg.batch_size,
+                                              threads=cfg.threads))
 
 
 def load_text_encoder(cfg):
     """Build (or reuse) the text encoder a ``text_encoder`` config section names."""
-    key = (text_encoder_identity(cfg), cfg.device, cfg.batch_size)
+    key = (text_encoder_identity(cfg), cfg.device, cfg.batch_size, cfg.threads)
     return _cached(key, lambda: SentenceTransformerEncoder(cfg.model, cfg.device,
-                                                           cfg.batch_size))
+                                                           cfg.batch_size, cfg.threads))

@@ -38,7 +38,7 @@ REQUIRED_COLUMNS = ('image_id', 'path', 'lat', 'lon', 'platform')
 DESCRIPTION_SEPARATOR = ' || '
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: ~40% less memory per item
 class GalleryItem:
     """One gallery image and where it was taken; ``path`` is relative to the gallery root."""
 

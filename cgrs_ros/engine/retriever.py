@@ -147,7 +147,7 @@ class Retriever:
     @classmethod
     def open(cls, gallery_dir, config, state_dir=None):  # noqa: A003 (the contract's name)
         """Open an indexed gallery (run ``cgrs index`` first) with the encoders it needs."""
-        gallery = load_gallery(gallery_dir, check_images='none')
+        gallery = load_gallery(gallery_dir, check_images='exists')
         state_dir = Path(default_state_dir(gallery_dir) if state_dir is None else state_dir)
         if not (state_dir / 'state.sqlite').is_file():
             raise GalleryError(f'{gallery_dir} has not been indexed (no state in {state_dir}); '

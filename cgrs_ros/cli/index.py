@@ -1,0 +1,67 @@
+"""``cgrs index GALLERY``: embed new or changed images and captions (incremental)."""
+
+import json
+import sys
+
+MAX_LISTED = 50
+
+
+def add_engine_arguments(parser):
+    """Add the --config and --state options every engine subcommand takes."""
+    parser.add_argument('--config', metavar='FILE',
+                        help='engine config YAML (default: built-in defaults, see '
+                             'config/engine.yaml)')
+    parser.add_argument('--state', '--state-dir', dest='state', metavar='DIR',
+                        help='state folder (default: GALLERY/.cgrs)')
+
+
+def format_summary(summary):
+    """Return the human-readable lines of an IndexSummary."""
+    lines = [f'indexed {summary.indexed}, unchanged {summary.unchanged}, '
+             f'skipped {len(summary.skipped)} ({summary.elapsed_s:.1f} s)']
+    for skipped in summary.skipped[:MAX_LISTED]:
+        lines.append(f'  skipped {skipped}')
+    if len(summary.skipped) > MAX_LISTED:
+        lines.append(f'  ... and {len(summary.skipped) - MAX_LISTED} more (see --json)')
+    if summary.image_encoder:
+        lines.append(f'images embedded: {summary.images_embedded} ({summary.image_encoder})')
+    else:
+        lines.append('images: no image encoder (caption-only retrieval)')
+    if summary.text_encoder:
+        lines.append(f'captions: {summary.captioned} images captioned, '
+                     f'{summary.captions_embedded} embedded ({summary.text_encoder})')
+    else:
+        lines.append('captions: none (coarse-only retrieval)')
+    lines.append(f'state: {summary.state_dir}')
+    return lines
+
+
+def run(args):
+    """Index the gallery and print the summary."""
+    from cgrs_ros.engine.config import load_config
+    from cgrs_ros.engine.indexer import index_gallery
+
+    config = load_config(args.config)
+    summary = index_gallery(args.gallery, config, state_dir=args.state,
+                            progress=not args.quiet and sys.stderr.isatty() or args.progress)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print('\n'.join(format_summary(summary)))
+    return 0
+
+
+def register(subparsers):
+    """Add the ``index`` subcommand."""
+    parser = subparsers.add_parser(
+        'index', help='embed new or changed gallery images and captions',
+        description='Embed the images and captions of a gallery that are new or changed since '
+                    'the last run (by content hash) and write the FAISS index. A run over an '
+                    'unchanged gallery does no model work.')
+    parser.add_argument('gallery', metavar='GALLERY', help='folder holding gallery.csv')
+    add_engine_arguments(parser)
+    parser.add_argument('--json', action='store_true', help='print the summary as JSON')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    parser.add_argument('--progress', action='store_true',
+                        help='progress bars even when stderr is not a terminal')
+    parser.set_defaults(func=run)
