@@ -127,10 +127,14 @@ def _add_run_options(parser, methods_default='coarse,rerank,hybrid'):
                         help='comma-separated retrieval methods to compare: coarse (image '
                              'embedding only), rerank (coarse top-k re-ordered by caption '
                              'similarity), hybrid (caption channel searches the whole gallery '
-                             f'too); default {methods_default}')
-    parser.add_argument('--state-dir', metavar='DIR',
-                        help='where the index and caption store live (default: beside the '
-                             'gallery, or under the images root for benchmarks)')
+                             'too), config (the config file unchanged); one index serves them '
+                             f'all; default {methods_default}')
+    parser.add_argument('--state-dir', '--state', dest='state_dir', metavar='DIR',
+                        help='gallery: the engine state folder (default GALLERY/.cgrs); '
+                             'geotext/track4: the evaluation folder holding the generated '
+                             'manifest, a link to the images and the engine state (default '
+                             '~/.cache/cgrs/eval/<benchmark>-<hash of the inputs>); a later run '
+                             'with the same folder reuses the index and captions')
     parser.add_argument('--limit', type=int, metavar='N',
                         help='evaluate only the first N queries (a quick look)')
     parser.add_argument('--json', action='store_true', help='print the report as JSON')

@@ -190,9 +190,10 @@ def _report(benchmark, eval_set, label_of, runs, methods, base, stats, summary, 
     if 'captioned' in stats:
         counts['captioned'] = stats['captioned']
         if not stats['captioned'] and set(methods) & {'rerank', 'hybrid'}:
+            where = inputs.get('work_dir') or inputs.get('gallery')
             notes.append(f'no image has a caption from captioner {base.captioner.backend}: '
                          f'rerank and hybrid fall back to the coarse order; caption the '
-                         f'gallery (cgrs caption) and run again')
+                         f'gallery {where} with a VLM captioner and run again')
     problems = list(problems) + [str(s) for s in summary.skipped]
     report = report_mod.build_report(
         benchmark, entries, counts, config=base.model_dump(mode='json'),
