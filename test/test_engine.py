@@ -130,6 +130,12 @@ def test_second_index_run_does_no_model_work_and_changes_are_incremental(gallery
     assert third.images_embedded == 2          # house (new pixels) + new
     assert third.captions_embedded == 2        # orchard (new text) + new
     assert third.indexed == 3 and third.unchanged == len(PLACES) - 2  # house, orchard, new
+    # A description removed from the manifest stops being that image's caption.
+    (gallery / 'gallery.csv').write_text((gallery / 'gallery.csv').read_text().replace(
+        'a gothic church with a tall pointed spire', ''))
+    assert index_gallery(gallery, config(), progress=False).captioned == len(PLACES)
+    church = Retriever.open(gallery, config()).query('church', top_k=len(PLACES) + 1)
+    assert {c.image_id: c.caption for c in church.candidates}['church'] is None
     # Touching a file without changing its bytes re-hashes it but embeds nothing.
     (gallery / 'img' / 'church.png').write_bytes((gallery / 'img' / 'church.png').read_bytes())
     fourth = index_gallery(gallery, config(), progress=False)

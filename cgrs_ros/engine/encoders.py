@@ -40,7 +40,7 @@ def _normalize(array):
 
 
 def _reason(exc, limit=300):
-    """An exception as one short line, for embedding in a one-sentence error."""
+    """Return an exception as one short line, for embedding in a one-sentence error."""
     text = ' '.join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + '...'
 

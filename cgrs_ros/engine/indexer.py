@@ -126,14 +126,20 @@ def _flush(store, keys, vecs):
 
 def _write_manifest_captions(gallery, hashes, store, prompt_version):
     """Store the manifest descriptions as captions (only rows whose text changed)."""
-    wanted = {}
+    wanted, dropped = {}, set()
     for item, content in zip(gallery.items, hashes):
         text = manifest_caption(item)
         if text is not None:
             wanted[content] = text  # identical images: the last row's descriptions win
+        else:
+            dropped.add(content)
     existing, _ = store.ok_captions(CaptionSource(MANIFEST_CAPTIONER, prompt_version))
     records = [CaptionRecord(content, MANIFEST_CAPTIONER, prompt_version, 'ok', text=text)
                for content, text in wanted.items() if existing.get(content, (None,))[0] != text]
+    # A description deleted from the manifest must stop being this image's caption.
+    records += [CaptionRecord(content, MANIFEST_CAPTIONER, prompt_version, 'failed',
+                              error='the manifest row has no description any more')
+                for content in dropped - set(wanted) if content in existing]
     written = 0
     for batch in _chunks(records, 5000):
         written += store.put_many(batch)

@@ -134,6 +134,7 @@ class Retriever:
         self._codes = np.array([PLATFORM_CODES[item.platform] for item in gallery.items],
                                dtype=np.int64)
         self._refresh_lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self._store = None
         self._text_store = None
         self._items_by_hash = {}
@@ -225,7 +226,9 @@ class Retriever:
 
     def _text_encoder_loaded(self):
         if self._text_encoder is None:
-            self._text_encoder = load_text_encoder(self.config.text_encoder)
+            with self._load_lock:  # a query and a caption refresh may both get here first
+                if self._text_encoder is None:
+                    self._text_encoder = load_text_encoder(self.config.text_encoder)
         return self._text_encoder
 
     def _sync_captions(self):
