@@ -26,7 +26,7 @@ $(STAMP): $(SETUP_INPUTS)
 	@touch $@
 
 run: setup
-	@$(ROS_ENV) $(PY) tools/run_stack.py
+	@$(ROS_ENV) ARGS="$(ARGS)" $(PY) tools/run_stack.py
 
 test: setup
 	@$(ROS_ENV) $(PY) -m pytest test $(PYTEST_ARGS)

@@ -388,3 +388,26 @@ def test_ctrl_c_stops_the_stack_cleanly(gallery, tmp_path, ros_domain):
     text = ''.join(lines) + out
     assert proc.returncode == 0, text
     assert 'all nodes stopped' in text
+
+
+def test_killing_the_launcher_does_not_orphan_the_nodes(gallery, ros_domain):
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={gallery["params"]}',
+         'captioning:=false'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node_pid = None
+    for line in proc.stdout:
+        if line.startswith('[cgrs launch] retrieval_node (pid '):
+            node_pid = int(line.split('(pid ')[1].split(')')[0])
+            break
+    assert node_pid is not None
+    proc.kill()  # SIGKILL: the launcher gets no chance to stop its nodes itself
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(node_pid, 0)
+        except ProcessLookupError:
+            return  # gone: the kernel told it its parent died
+        time.sleep(0.1)
+    os.kill(node_pid, 9)
+    raise AssertionError('retrieval_node outlived a SIGKILLed cgrs launch')

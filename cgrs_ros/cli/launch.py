@@ -7,6 +7,7 @@ does. Ctrl-C (SIGINT) or SIGTERM stops every node cleanly (SIGINT, then SIGTERM,
 after grace periods); when a required node exits, the others are stopped too.
 """
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -31,6 +32,20 @@ def parse_assignments(items):
     return values
 
 
+def _die_with_parent():
+    """In the child: ask Linux to SIGTERM it if ``cgrs launch`` dies without stopping it.
+
+    Hand-written (prctl PR_SET_PDEATHSIG through ctypes): the standard library has no wrapper.
+    Without it a ``kill -9`` of the launcher would leave the nodes running, since they sit in
+    their own sessions so that a terminal's Ctrl-C reaches only the launcher.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the launcher's own shutdown still stops the nodes
+
+
 def _pump(name, stream, lock):
     for line in iter(stream.readline, ''):
         with lock:
@@ -48,10 +63,12 @@ class Stack:
         lock = threading.Lock()
         for spec in specs:
             cmd = stack.command(spec)
-            print(f'[cgrs launch] {spec.name}: {" ".join(cmd)}', flush=True)
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1, env=env or dict(os.environ),
-                                    start_new_session=True)
+                                    start_new_session=True,
+                                    preexec_fn=_die_with_parent if sys.platform == 'linux'
+                                    else None)
+            print(f'[cgrs launch] {spec.name} (pid {proc.pid}): {" ".join(cmd)}', flush=True)
             threading.Thread(target=_pump, args=(spec.name, proc.stdout, lock),
                              daemon=True).start()
             self.procs.append(proc)

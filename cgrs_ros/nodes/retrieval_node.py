@@ -302,6 +302,7 @@ class RetrievalNode(Node):
         for skipped in summary.skipped[:20]:
             self.get_logger().warning(f'skipped: {skipped}')
         self._retriever = Retriever.open(gallery, config, state_dir=state)
+        self._datum_now()  # derive (and log) the datum now, not on the first goal
         stats = self._retriever.stats()
         self.get_logger().info(
             f'ready: {stats.get("gallery_size")} images, caption coverage '
