@@ -146,6 +146,35 @@ def _write_manifest_captions(gallery, hashes, store, prompt_version):
     return written
 
 
+def embed_caption_texts(state_dir, text_config, texts, progress=False):
+    """Store text embeddings of the caption ``texts`` the text encoder's store lacks.
+
+    Returns (keys embedded now, identity of the encoder when one was loaded else None). The
+    encoder is loaded only when something is missing. ``cgrs index`` and captioning runs
+    (``captioning.py``, after every committed batch) both embed captions through here.
+    """
+    identity = text_encoder_identity(text_config)
+    text_store = EmbeddingStore.for_encoder(state_dir, 'text', identity)
+    have = text_store.keys()
+    todo = {}
+    for text in texts:
+        key = sha256_text(text)
+        if key not in have:
+            todo.setdefault(key, text)
+    if not todo:
+        return [], None
+    encoder = load_text_encoder(text_config)
+    keys = list(todo)
+    bar = tqdm(total=len(keys), desc='embedding captions', unit='caption', disable=not progress)
+    try:
+        for batch in _chunks(keys, max(CHECKPOINT_ROWS, encoder.batch_size)):
+            text_store.add(batch, encoder.encode_texts([todo[k] for k in batch]))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return keys, encoder.identity
+
+
 def index_gallery(gallery_dir, config, state_dir=None, progress=True):
     """Index a gallery incrementally; returns an :class:`IndexSummary`.
 
@@ -207,28 +236,15 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
         item_texts = [ok[c][0] if c in ok else None for c in hashes]
         summary.captioned = sum(text is not None for text in item_texts)
         if summary.captioned:
-            identity = text_encoder_identity(config.text_encoder)
-            summary.text_encoder = identity
-            text_store = EmbeddingStore.for_encoder(state, 'text', identity)
-            have = text_store.keys()
-            todo = {}
-            for content, text in zip(hashes, item_texts):
-                if text is not None:
-                    key = sha256_text(text)
-                    if key not in have:
-                        todo.setdefault(key, text)
-                        worked.add(content)
-            if todo:
-                encoder = load_text_encoder(config.text_encoder)
-                summary.models_loaded.append(encoder.identity)
-                keys = list(todo)
-                bar = tqdm(total=len(keys), desc='embedding captions', unit='caption',
-                           disable=not progress)
-                for batch in _chunks(keys, max(CHECKPOINT_ROWS, encoder.batch_size)):
-                    text_store.add(batch, encoder.encode_texts([todo[k] for k in batch]))
-                    summary.captions_embedded += len(batch)
-                    bar.update(len(batch))
-                bar.close()
+            summary.text_encoder = text_encoder_identity(config.text_encoder)
+            embedded, loaded = embed_caption_texts(
+                state, config.text_encoder, [t for t in item_texts if t is not None], progress)
+            if loaded:
+                summary.models_loaded.append(loaded)
+            summary.captions_embedded += len(embedded)
+            embedded = set(embedded)
+            worked.update(content for content, text in zip(hashes, item_texts)
+                          if text is not None and sha256_text(text) in embedded)
         elif config.image_encoder.backend == 'none':
             raise ConfigError(
                 f'nothing to index in {gallery_dir}: image_encoder.backend is none and no image '
