@@ -8,7 +8,8 @@ Runs the same code as ``cgrs bench`` with the settings the targets are stated fo
 - a second ``cgrs index`` over an unchanged gallery at least 20x faster than the first.
 
 Usage: ``python benchmarks/bench_engine.py [--sizes 10000 100000] [--index-images 200]
-[--threads 1] [--json OUT.json]``. Prints one line per figure and, with --json, writes all.
+[--threads 0] [--query-threads 1] [--json OUT.json]``. Prints one line per figure; --json
+also writes them all to a file.
 """
 
 import argparse
@@ -31,18 +32,22 @@ def main():
     parser.add_argument('--sizes', type=int, nargs='+', default=[10000, 100000])
     parser.add_argument('--queries', type=int, default=60)
     parser.add_argument('--index-images', type=int, default=200)
-    parser.add_argument('--threads', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=0, help='torch threads for indexing')
+    parser.add_argument('--query-threads', type=int, default=1,
+                        help='torch threads for encoding a query')
     parser.add_argument('--image-model', default='ViT-B-32')
     parser.add_argument('--json', metavar='OUT', help='also write the figures to this file')
     args = parser.parse_args()
 
     image, text = bench.load_bench_encoders(args.image_model, threads=args.threads)
-    report = {'threads': args.threads, 'cpu_count': os.cpu_count(),
+    report = {'threads': args.threads, 'query_threads': args.query_threads,
+              'cpu_count': os.cpu_count(),
               'load_avg_at_start': os.getloadavg(), 'query': [], 'index': None}
     for channel in ('rerank', 'hybrid'):
         for size in args.sizes:
             result = bench.bench_query(size, image, text, n_queries=args.queries,
-                                       retrieval={'caption_channel': channel})
+                                       retrieval={'caption_channel': channel},
+                                       query_threads=args.query_threads)
             report['query'].append(result)
             print(f'{channel:6} {_format_query(result)}')
             print(f'       plain queries p50 {result["p50_ms_plain_queries"]:.1f} ms, '

@@ -89,7 +89,8 @@ def test_user_errors_are_one_line_exit_2(setup, tmp_path, capsys):
 
 def test_bench_reports_the_figures(tiny_open_clip_dir, capsys):
     assert main(['bench', '--gallery-size', '300', '--queries', '4', '--image-model',
-                 f'local-dir:{tiny_open_clip_dir}', '--threads', '1', '--index-images', '3',
+                 f'local-dir:{tiny_open_clip_dir}', '--threads', '1', '--query-threads', '1',
+                 '--index-images', '3',
                  '--caption-channel', 'hybrid', '--json']) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ('gallery_size', 'p50_ms', 'p95_ms', 'floor_ms', 'ratio_p50_to_floor',

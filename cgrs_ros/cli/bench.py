@@ -41,7 +41,7 @@ def run(args):
     for size in args.gallery_size:
         say(f'gallery of {size} items, {args.queries} queries ...')
         result = bench.bench_query(size, image, text, n_queries=args.queries,
-                                   retrieval=retrieval)
+                                   retrieval=retrieval, query_threads=args.query_threads)
         results.append(result)
         if not args.json:
             print(_format_query(result))
@@ -91,7 +91,9 @@ def register(subparsers):
                              "'none' for caption-only (default: ViT-B-32)")
     parser.add_argument('--text-model', default='all-MiniLM-L6-v2')
     parser.add_argument('--threads', type=int, default=0,
-                        help='torch CPU threads per forward pass (0: torch default)')
+                        help='torch CPU threads for indexing (0: torch default)')
+    parser.add_argument('--query-threads', type=int, default=1,
+                        help='torch CPU threads for encoding a query (default: 1)')
     parser.add_argument('--caption-channel', choices=('rerank', 'hybrid'))
     parser.add_argument('--fusion', choices=('weighted', 'rrf'))
     parser.add_argument('--coarse-k', type=int)

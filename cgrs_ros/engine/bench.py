@@ -114,14 +114,17 @@ def _pct(values, q):
 
 
 def bench_query(gallery_size, image_encoder, text_encoder, n_queries=50, retrieval=None,
-                seed=0, warmup=3):
+                seed=0, warmup=3, query_threads=1):
     """Measure query latency, its floor and memory per item on a synthetic gallery."""
     from cgrs_ros.engine.retriever import Retriever
-    config = load_config(None, {'retrieval': dict(retrieval or {})})
+    overrides = {'retrieval': dict(retrieval or {}),
+                 'image_encoder': {'query_threads': query_threads},
+                 'text_encoder': {'query_threads': query_threads}}
     if image_encoder is None:
-        config = load_config(None, {'retrieval': dict(retrieval or {}),
-                                    'image_encoder': {'backend': 'none'}})
+        overrides['image_encoder']['backend'] = 'none'
+    config = load_config(None, overrides)
     cfg = config.retrieval
+    threads = query_threads
     gc.collect()
     rss_before = _rss_bytes()
     gallery, captions = synthetic_gallery(gallery_size, seed)
@@ -144,11 +147,11 @@ def bench_query(gallery_size, image_encoder, text_encoder, n_queries=50, retriev
     def floor(text):
         start = time.perf_counter()
         if image_encoder is not None:
-            image_index.index.search(image_encoder.encode_texts([text]), k)
+            image_index.index.search(image_encoder.encode_texts([text], threads=threads), k)
         if image_encoder is None or cfg.caption_channel == 'hybrid':
-            caption_index.index.search(text_encoder.encode_texts([text]), k)
+            caption_index.index.search(text_encoder.encode_texts([text], threads=threads), k)
         else:
-            text_encoder.encode_texts([text])
+            text_encoder.encode_texts([text], threads=threads)
         return (time.perf_counter() - start) * 1e3
 
     def query(text):
@@ -198,7 +201,7 @@ def bench_query(gallery_size, image_encoder, text_encoder, n_queries=50, retriev
         'fusion': cfg.fusion,
         'remove_orientation_words': cfg.remove_orientation_words,
         'coarse_k': cfg.coarse_k,
-        'threads': (image_encoder or text_encoder).threads,
+        'query_threads': query_threads,
     }
 
 

@@ -34,8 +34,10 @@ class ImageEncoderConfig(_Section):
     pretrained: Optional[str] = 'laion2b_s34b_b79k'
     device: str = 'cpu'
     batch_size: int = Field(32, ge=1, le=4096)
-    # torch CPU threads for this encoder's forward passes; 0 = torch's default (all cores).
+    # torch CPU threads for this encoder's batch work (indexing); 0 = torch's default (all
+    # cores). query_threads: for encoding one query (see encoders.py for why 1).
     threads: int = Field(0, ge=0, le=256)
+    query_threads: int = Field(1, ge=0, le=256)
 
 
 class TextEncoderConfig(_Section):
@@ -48,6 +50,7 @@ class TextEncoderConfig(_Section):
     device: str = 'cpu'
     batch_size: int = Field(64, ge=1, le=4096)
     threads: int = Field(0, ge=0, le=256)
+    query_threads: int = Field(1, ge=0, le=256)
 
 
 class CaptionerConfig(BaseModel):

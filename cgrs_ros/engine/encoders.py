@@ -65,9 +65,11 @@ class _Counting:
     """Counts model calls, so callers (and tests) can tell whether any model work happened.
 
     Also holds the torch CPU thread count of the encoder's forward passes (``threads``, 0 =
-    leave torch's setting alone). On a machine whose cores are busy with other work, torch's
-    default of one OpenMP thread per core can make a one-sentence forward pass 10-50x slower
-    than a single thread (threads spin waiting for each other); 1 is then the better choice.
+    leave torch's setting alone); a call may override it (queries use ``query_threads``). On a
+    machine whose cores are busy with other work, torch's default of one OpenMP thread per core
+    made a one-sentence MiniLM forward pass 10-50x slower here than a single thread (13 ms vs
+    50-900 ms: the threads wait on each other), while one sentence gains little from more
+    threads even on an idle machine.
     """
 
     threads = 0
@@ -78,15 +80,16 @@ class _Counting:
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
 
     @contextlib.contextmanager
-    def _forward(self):
-        """Serialize forward passes and apply this encoder's torch thread count."""
+    def _forward(self, threads=None):
+        """Serialize forward passes and apply a torch thread count (None: the encoder's)."""
+        threads = self.threads if threads is None else threads
         with self._lock:
-            if not self.threads:
+            if not threads:
                 yield
                 return
             import torch
             before = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(threads)
             try:
                 yield
             finally:
@@ -111,12 +114,15 @@ class ImageTextEncoder(_Counting, abc.ABC):
             self.images_encoded += len(images)
         return _normalize(np.concatenate(out))
 
-    def encode_texts(self, texts):
-        """Return float32 L2-normalized embeddings (n, dim) of texts (the text tower)."""
+    def encode_texts(self, texts, threads=None):
+        """Return float32 L2-normalized embeddings (n, dim) of texts (the text tower).
+
+        ``threads`` overrides the encoder's torch thread count for this call (0: torch's).
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
-        with self._forward():
+        with self._forward(threads):
             for start in range(0, len(texts), self.batch_size):
                 out.append(self._encode_texts(list(texts[start:start + self.batch_size])))
             self.texts_encoded += len(texts)
@@ -138,11 +144,14 @@ class TextEncoder(_Counting, abc.ABC):
     dim = 0
     batch_size = 64
 
-    def encode_texts(self, texts):
-        """Return float32 L2-normalized embeddings (n, dim) of texts."""
+    def encode_texts(self, texts, threads=None):
+        """Return float32 L2-normalized embeddings (n, dim) of texts.
+
+        ``threads`` overrides the encoder's torch thread count for this call (0: torch's).
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._forward():
+        with self._forward(threads):
             out = self._encode_texts(list(texts))
             self.texts_encoded += len(texts)
         return _normalize(out)

@@ -333,9 +333,9 @@ class Retriever:
         sat_hi = int(index.bounds[SATELLITE + 1])
         return [(vectors[SATELLITE], 0, sat_hi), (vectors[SATELLITE + 1], sat_hi, len(index))]
 
-    def _encode_query(self, encoder, texts, sat_text, other_text):
+    def _encode_query(self, encoder, threads, texts, sat_text, other_text):
         """Encode the distinct query texts in one batch; return one vector per platform code."""
-        encoded = encoder.encode_texts(texts)
+        encoded = encoder.encode_texts(texts, threads=threads)
         by_text = dict(zip(texts, encoded))
         sat, other = by_text[sat_text], by_text[other_text]
         return [sat if code == SATELLITE else other for code in range(len(PLATFORMS))]
@@ -361,9 +361,11 @@ class Retriever:
         sat_text = normalized
         other_text = normalized if cfg.remove_orientation_words == 'true' else text
         texts = list(dict.fromkeys([other_text, sat_text]))
-        image_q = (self._encode_query(self._image_encoder, texts, sat_text, other_text)
-                   if image_index is not None else None)
-        caption_q = (self._encode_query(self._text_encoder_loaded(), texts, sat_text,
+        image_q = (self._encode_query(self._image_encoder,
+                                      self.config.image_encoder.query_threads, texts, sat_text,
+                                      other_text) if image_index is not None else None)
+        caption_q = (self._encode_query(self._text_encoder_loaded(),
+                                        self.config.text_encoder.query_threads, texts, sat_text,
                                         other_text) if caption_index is not None else None)
         t_encode = time.perf_counter()
 
