@@ -34,11 +34,16 @@ def test_bad_rows_are_reported_with_line_numbers_and_the_rest_loads(gallery_dir)
         + 'g,/etc/passwd,47.0,8.5,410,0,drone,g1,\n'                                  # 9
         + 'h,img/1.png,47.0,8.5,410,0,boat,g1,\n'                                     # 10
         + 'i,img/1.png,north,8.5,410,0,drone,g1,\n'                                   # 11
-        + 'j,img/2.png,-33.9,151.2,,,Ground,,"a kiosk, by the sea"\n')                # 12 ok
+        + 'j,img/2.png,-33.9,151.2,,,Ground,,"a kiosk, by the sea"\n'                # 12 ok
+        + '\n'                                                                        # 13
+        + 'k,img/2.png,1,2,0,0,drone,,"two\nlines"\n'                                  # 14-15
+        + 'l,img/2.png,1,2,0,0,drone,,\n'                                             # 16
+        + 'k,img/2.png,1,2,0,0,drone,,\n')                                            # 17
     gallery = load_gallery(gallery_dir)
-    assert [item.image_id for item in gallery.items] == ['a', 'j']
+    assert [item.image_id for item in gallery.items] == ['a', 'j', 'k', 'l']
     problems = _problems(gallery)
-    assert sorted(problems) == list(range(3, 12))
+    assert sorted(problems) == list(range(3, 12)) + [17]
+    assert 'first used on line 14' in problems[17]  # lines count blank and multi-line rows
     assert 'not found' in problems[3] and 'img/missing.png' in problems[3]
     assert 'not a readable image' in problems[4]
     assert 'lat 91.0 is out of range' in problems[5]
@@ -50,7 +55,7 @@ def test_bad_rows_are_reported_with_line_numbers_and_the_rest_loads(gallery_dir)
     assert "lat 'north' is not a number" in problems[11]
     assert str(gallery.problems[0]).startswith("line 3 (image_id 'b'): ")
 
-    first, last = gallery.items
+    first, last = gallery.items[:2]
     assert first.descriptions == ('red roof', 'next to a plaza')
     assert (first.lat, first.lon, first.alt, first.heading_deg) == (47.1, 8.5, 410.0, 90.0)
     assert first.group_id == 'g1' and first.line == 2

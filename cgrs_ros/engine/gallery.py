@@ -211,10 +211,10 @@ def _csv_rows(text):
         raise GalleryError(f'manifest header lacks column(s) {", ".join(missing)}; the first '
                            f'line must name the columns {", ".join(COLUMNS)}')
     reader.fieldnames = header
-    start = 2
     for row in reader:
-        yield start, row
-        start = reader.line_num + 1
+        # line_num is the row's last line; a quoted field may span several lines.
+        spans = sum(v.count('\n') for v in row.values() if isinstance(v, str))
+        yield reader.line_num - spans, row
 
 
 def _jsonl_rows(text):

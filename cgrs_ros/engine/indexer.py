@@ -22,7 +22,6 @@ from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder
                                       load_text_encoder, text_encoder_identity)
 from cgrs_ros.engine.errors import ConfigError, GalleryError
 from cgrs_ros.engine.gallery import load_gallery
-from cgrs_ros.engine.index import VectorIndex
 from cgrs_ros.engine.retriever import build_image_index, image_index_fingerprint, image_index_path
 from cgrs_ros.engine.storage import (default_state_dir, EmbeddingStore, FileHashCache, read_json,
                                      sha256_text)
@@ -279,7 +278,9 @@ def _persist_image_index(state, gallery, hashes, identity, store):
         pass
     keys, matrix = store.load()
     index = build_image_index(gallery, hashes, keys, matrix)
-    if index is None:
-        index = VectorIndex.build(matrix[:0], [], [], len(gallery))
+    if index is None:  # no image could be embedded: leave no stale index behind
+        for suffix in ('.faiss', '.json'):
+            path.with_suffix(suffix).unlink(missing_ok=True)
+        return False
     index.save(path, expect)
     return True
