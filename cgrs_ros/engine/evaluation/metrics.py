@@ -120,7 +120,7 @@ class RecallResult:
         out = {
             'n_queries': self.n_queries,
             'n_absent': len(self.absent),
-            **self.metrics(ks),
+            **{name: round(value, 4) for name, value in self.metrics(ks).items()},
             'curve': [round(v, 4) for v in self.curve],
         }
         if self.shortest_list < len(self.curve):
@@ -128,7 +128,7 @@ class RecallResult:
         if self.by_platform:
             out['by_platform'] = {name: {'n_queries': sub.n_queries,
                                          'n_absent': len(sub.absent),
-                                         **sub.metrics(ks)}
+                                         **{m: round(v, 4) for m, v in sub.metrics(ks).items()}}
                                   for name, sub in sorted(self.by_platform.items())}
         return out
 

@@ -51,7 +51,7 @@ def method_entry(result, timings=(), overrides=None, challenge_score=False, ks=H
     summary = result.summary(ks)
     metrics = {k: v for k, v in summary.items() if k.startswith(result.direction + '_r')}
     if challenge_score:
-        metrics['track4_score'] = track4_score(result)
+        metrics['track4_score'] = round(track4_score(result), 4)
     samples = stage_samples(timings)
     entry = {
         'overrides': dict(overrides or {}),
