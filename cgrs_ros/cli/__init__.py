@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     'index',
     'query',
     'bench',
+    'caption',
 )
 
 
