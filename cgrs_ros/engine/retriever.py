@@ -173,6 +173,7 @@ class Retriever:
         if retriever._captions.index is not None:
             retriever._text_encoder_loaded()  # now, not on the first query
         if image_index is None and retriever._captions.index is None:
+            retriever.close()
             raise ConfigError(
                 f'nothing to search in {gallery_dir}: image_encoder.backend is none and no '
                 'image has a caption; configure an image encoder, or add descriptions / run '
