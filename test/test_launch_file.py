@@ -44,6 +44,22 @@ def test_captioning_can_be_left_out():
     assert [s.name for s in specs] == ['retrieval_node']
 
 
+def test_sim_adds_the_simulated_drone_with_the_same_parameters():
+    values = stack.resolve_arguments({'sim': 'true', 'gallery_dir': '/data/g',
+                                      'namespace': 'uav1'})
+    specs = stack.node_specs(values)
+    assert [s.name for s in specs] == ['retrieval_node', 'captioning_node', 'sim_drone']
+    drone = specs[-1]
+    assert (drone.executable, drone.module) == ('sim_drone', 'cgrs_ros.nodes.sim_drone')
+    assert not drone.required
+    joined = ' '.join(stack.ros_arguments(drone))
+    # Same params file and gallery as retrieval_node: both derive the same map datum.
+    assert f'--params-file {values["params_file"]}' in joined
+    assert '-p gallery_dir:=/data/g' in joined and '__ns:=/uav1' in joined
+    assert (ROOT / 'scripts' / drone.executable).is_file()
+    assert stack.resolve_arguments({})['sim'] == 'false'
+
+
 @pytest.mark.parametrize('given, message', [
     ({'gallery': '/x'}, "unknown launch argument 'gallery'"),
     ({'use_sim_time': 'yes'}, 'use_sim_time:=yes is not one of true, false'),

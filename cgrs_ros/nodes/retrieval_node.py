@@ -24,10 +24,10 @@ import threading
 import time
 
 from cgrs_ros.action import Retrieve
-from cgrs_ros.engine import geo
 from cgrs_ros.engine.errors import CgrsError
 from cgrs_ros.msg import RetrievalResult
 from cgrs_ros.nodes import convert
+from cgrs_ros.nodes.datum import DATUM_PARAMETERS, resolve_datum
 from cgrs_ros.nodes.parameters import declare_parameters, Param
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
@@ -61,13 +61,7 @@ PARAMETERS = (
           read_only=True),
     Param('map_frame', 'map', 'Frame of the published poses (ENU around the datum).',
           check=lambda v: None if v.strip() else 'map_frame must not be empty'),
-    Param('datum.latitude', math.nan, 'Datum latitude, WGS84 degrees; NaN = gallery centre.',
-          minimum=-90.0, maximum=90.0, allow_nan=True),
-    Param('datum.longitude', math.nan, 'Datum longitude, WGS84 degrees; NaN = gallery centre.',
-          minimum=-180.0, maximum=180.0, allow_nan=True),
-    Param('datum.altitude', math.nan,
-          'Datum altitude, metres above the WGS84 ellipsoid; NaN = gallery mean.',
-          minimum=-1000.0, maximum=20000.0, allow_nan=True),
+    *DATUM_PARAMETERS,  # shared with sim_drone: both must put map at one place
     Param('top_k', 5, 'Candidates per result (an action goal may ask for another number).',
           minimum=1, maximum=100),
     Param('coarse_k', 20, 'Coarse (image-text) candidates reranked by captions.',
@@ -174,16 +168,8 @@ class RetrievalNode(Node):
 
     def _datum_now(self):
         if self._datum is None:
-            lat, lon, alt = (self.params[f'datum.{key}']
-                             for key in ('latitude', 'longitude', 'altitude'))
-            derived = geo.datum_from_items(self._retriever.gallery.items)
-            if math.isnan(lat) or math.isnan(lon):
-                lat, lon = derived.lat, derived.lon
-                self.get_logger().info(
-                    f'datum derived from the gallery centre: lat {lat:.7f}, lon {lon:.7f}')
-            if math.isnan(alt):
-                alt = derived.alt
-            self._datum = geo.Datum(lat, lon, alt)
+            self._datum = resolve_datum(self.params, lambda: self._retriever.gallery.items,
+                                        self.get_logger())
         return self._datum
 
     # ---- goals in -------------------------------------------------------------------

@@ -68,6 +68,8 @@ def launch_arguments():
                        ('debug', 'info', 'warn', 'error', 'fatal')),
         LaunchArgument('captioning', 'true', 'Start captioning_node as well',
                        ('true', 'false')),
+        LaunchArgument('sim', 'false', 'Start sim_drone, a simulated drone that flies to '
+                       '/goal_pose and publishes odom, fix and status', ('true', 'false')),
     )
 
 
@@ -108,6 +110,11 @@ def node_specs(values):
         nodes.append(
             NodeSpec(executable='captioning_node', module='cgrs_ros.nodes.captioning_node',
                      name='captioning_node', namespace=values['namespace'],
+                     parameters=parameters, log_level=values['log_level']))
+    if values['sim'] == 'true':
+        nodes.append(
+            NodeSpec(executable='sim_drone', module='cgrs_ros.nodes.sim_drone',
+                     name='sim_drone', namespace=values['namespace'],
                      parameters=parameters, log_level=values['log_level']))
     return nodes
 
