@@ -55,7 +55,8 @@ class CaptionProgress:
 
     ``rate`` is images per second since the captioner was ready (0 before the first batch),
     ``eta_s`` the seconds left at that rate (None while unknown), ``captioned`` the gallery
-    images that have a caption from this captioner now (earlier runs included).
+    images that have a caption from this captioner now (earlier runs included) out of
+    ``gallery_size``, ``new_captions`` the captions written by this run so far.
     """
 
     done: int
@@ -65,6 +66,8 @@ class CaptionProgress:
     eta_s: float
     elapsed_s: float
     captioned: int
+    gallery_size: int
+    new_captions: int
 
     def to_dict(self):
         """Return the progress as plain data."""
@@ -361,7 +364,7 @@ def _caption_batches(captioner, plan, todo, summary, embed, batch_size, progress
         rate = done / elapsed if done and elapsed > 0 else 0.0
         eta = (len(todo) - done) / rate if rate else None
         progress(CaptionProgress(done, len(todo), summary.new_failures, rate, eta, elapsed,
-                                 already))
+                                 already, len(plan.hashes), summary.new_captions))
 
     report()
     hash_cache = FileHashCache(plan.state)
