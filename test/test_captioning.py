@@ -376,3 +376,26 @@ def test_manifest_backend_and_bad_arguments_are_one_line_errors(tmp_path, capsys
     assert 'cgrs caption: error:' in capsys.readouterr().err
     with pytest.raises(Exception, match='captioner.backend is manifest'):
         caption_status(gallery, load_config(None))
+
+
+def test_a_broken_endpoint_ends_the_run_early_and_the_next_run_retries(
+        chat_server, tmp_path, capsys):
+    gallery = tmp_path / 'g'
+    expected = _colour_gallery(gallery, 14)
+    config = _config_file(tmp_path / 'engine.yaml', _openai(chat_server))
+    chat_server.plan = [503] * 10  # five whole batches fail, then the server recovers
+
+    capsys.readouterr()
+    assert main(['caption', str(gallery), '--config', config, '--json']) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert 'failed every image of 5 batches in a row' in summary['aborted']
+    assert 'HTTP 503' in summary['aborted']
+    assert (summary['attempted'], summary['new_failures'], summary['new_captions']) == (14, 10, 0)
+    assert (summary['failed'], summary['pending']) == (10, 4)
+    assert len(chat_server.requests) == 10
+
+    again = _cli_json(capsys, gallery, '--config', config)
+    assert (again['attempted'], again['new_captions'], again['captioned']) == (14, 14, 14)
+    assert again['failures'] == [] and again['aborted'] is None
+    assert _captions_by_id(gallery, 'openai:tiny-vlm:greedy:max_tokens=96:max_side=1024') == \
+        expected
