@@ -399,3 +399,33 @@ def test_a_broken_endpoint_ends_the_run_early_and_the_next_run_retries(
     assert again['failures'] == [] and again['aborted'] is None
     assert _captions_by_id(gallery, 'openai:tiny-vlm:greedy:max_tokens=96:max_side=1024') == \
         expected
+
+
+def test_a_second_run_on_the_same_state_is_refused_while_one_works(
+        chat_server, tmp_path, capsys):
+    gallery = tmp_path / 'g'
+    _colour_gallery(gallery, 4)
+    config = _config_file(tmp_path / 'engine.yaml', _openai(chat_server))
+    gate = threading.Event()
+    chat_server.plan = [('barrier', gate)] * 2
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        run_captioning(gallery, load_config(config))))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not chat_server.requests:  # the first run is inside its first batch
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.01)
+        assert main(['caption', str(gallery), '--config', config]) == 2
+        assert 'another captioning run' in capsys.readouterr().err
+        status = _cli_json(capsys, gallery, '--config', config, '--status')  # reading is fine
+        assert status['pending'] == 4
+    finally:
+        gate.set()
+        worker.join(timeout=60)
+    assert results[0].new_captions == 4
+    assert _cli_json(capsys, gallery, '--config', config)['attempted'] == 0  # lock released
+    assert not (tmp_path / 'typo').exists()
+    assert main(['caption', str(tmp_path / 'typo'), '--config', config]) == 2
+    assert not (tmp_path / 'typo').exists()  # no state folder made for a wrong path

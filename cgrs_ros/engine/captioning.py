@@ -19,14 +19,16 @@ loads no model. A progress callback sees done / total / failed / rate / ETA afte
 and a stop event is checked between batches.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 from pathlib import Path
 import time
 
 from cgrs_ros.engine.captions import (caption_source_for, caption_store_path, CaptionRecord,
                                       CaptionStore, MANIFEST_CAPTIONER)
 from cgrs_ros.engine.errors import CgrsError, ConfigError, GalleryError, ModelLoadError
-from cgrs_ros.engine.gallery import load_gallery, PLATFORMS
+from cgrs_ros.engine.gallery import find_manifest, load_gallery, PLATFORMS
 from cgrs_ros.engine.storage import default_state_dir, FileHashCache
 from PIL import Image
 
@@ -156,7 +158,7 @@ def describe_captioner(section):
 
 
 def _transformers_prompt_version(settings):
-    """The hashed prompt version a transformers model would use, from its config + processor."""
+    """Return the hashed prompt version a transformers model would use (config + processor)."""
     from cgrs_ros.engine.captioners import PromptSet
     from cgrs_ros.engine.torch_compat import ensure_torchvision
     ensure_torchvision()
@@ -258,6 +260,29 @@ def _todo(plan, force, limit):
     return sorted(todo, key=lambda pair: order[pair[1].platform])
 
 
+@contextlib.contextmanager
+def _exclusive_run(state):
+    """Hold the state folder's captioning lock, or raise GalleryError when another run has it.
+
+    Two runs over one gallery (``cgrs caption`` while the captioning node works) would caption
+    the same images twice. flock is released by the kernel when a process dies, so a run
+    killed with ``kill -9`` leaves no stale lock (stdlib has no such lock, hence fcntl here).
+    """
+    handle = open(state / 'captioning.lock', 'a+b')
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise GalleryError(
+            f'another captioning run (cgrs caption or captioning_node) is working on {state}; '
+            'wait until it finishes, or stop it, then run again') from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
 def _decode(path):
     """Open an image fully (pixels, not just the header) as RGB; raises on corrupt data."""
     with Image.open(path) as image:
@@ -307,6 +332,19 @@ def run_captioning(gallery_dir, config, state_dir=None, *, limit=None, force=Fal
     """
     start = time.perf_counter()
     identity, version = describe_captioner(config.captioner)
+    find_manifest(gallery_dir)  # a mistyped gallery path fails before any folder is created
+    state = Path(default_state_dir(gallery_dir) if state_dir is None else state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    with _exclusive_run(state):
+        summary = _run_locked(gallery_dir, config, state, identity, version, limit, force,
+                              batch_size, progress, stop, load_captioner)
+    summary.elapsed_s = time.perf_counter() - start
+    return summary
+
+
+def _run_locked(gallery_dir, config, state_dir, identity, version, limit, force, batch_size,
+                progress, stop, load_captioner):
+    """Run the body of :func:`run_captioning` (the caller holds the state folder's lock)."""
     plan = _plan(gallery_dir, state_dir, identity, version)
     summary = CaptionSummary(identity, version, skipped=list(plan.gallery.problems),
                              state_dir=str(plan.state))
@@ -341,12 +379,11 @@ def run_captioning(gallery_dir, config, state_dir=None, *, limit=None, force=Fal
     live = set(plan.hashes)
     embed(sorted({text for content, (text, _) in ok.items() if content in live}))
     _count(summary, plan)
-    summary.elapsed_s = time.perf_counter() - start
     return summary
 
 
 def _caption_batches(captioner, plan, todo, summary, embed, batch_size, progress, stop):
-    """The batch loop of :func:`run_captioning` (captioner loaded, ``todo`` non-empty)."""
+    """Caption ``todo`` batch by batch with a loaded captioner, committing each batch."""
     identity, version = summary.captioner, summary.prompt_version
     size = batch_size or captioner.batch_size
     summary.attempted = len(todo)

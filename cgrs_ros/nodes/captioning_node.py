@@ -232,7 +232,7 @@ class CaptioningNode(Node):
             self.get_logger().warning(f'no caption: {failure}')
 
     def _loaded_captioner(self, config):
-        """The captioner, loaded once and kept for later rescans (loading costs seconds)."""
+        """Return the captioner, loaded once and kept for later rescans (loading costs seconds)."""
         from cgrs_ros.engine.captioners import make_captioner
         if self._captioner is None:
             self.get_logger().info(f'loading captioner ({config.captioner.backend})')
