@@ -17,7 +17,7 @@ ROS_ENV = AMENT_PREFIX_PATH=$(abspath $(VENV)) \
 
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint colcon-build bench clean
+.PHONY: setup run demo test lint colcon-build bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): $(SETUP_INPUTS)
 
 run: setup
 	@$(ROS_ENV) ARGS="$(ARGS)" $(PY) tools/run_stack.py
+
+# The whole loop: demo world, stack with the simulated drone, a few spoken goals flown.
+# Options pass through: make demo DEMO_ARGS='--goals 2 --speed 30'.
+demo: setup
+	@$(ROS_ENV) $(PY) tools/demo.py $(DEMO_ARGS)
 
 test: setup
 	@$(ROS_ENV) $(PY) -m pytest test $(PYTEST_ARGS)
