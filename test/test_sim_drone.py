@@ -7,10 +7,13 @@ done independently with PROJ.
 
 import json
 import math
+from pathlib import Path
 import subprocess
 import threading
 import time
+import xml.etree.ElementTree as ElementTree
 
+from cgrs_ros.engine.demo import DEFAULT_DATUM
 from cgrs_ros.nodes import stack
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry
@@ -22,6 +25,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import NavSatFix
 from std_msgs.msg import String
+import yaml
 
 pytestmark = pytest.mark.ros
 
@@ -323,3 +327,22 @@ def test_bad_configuration_stops_the_node_with_a_reason(tmp_path, ros_domain, va
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert message in out, out
+
+
+def test_gazebo_world_and_params_share_the_demo_datum():
+    """The Gazebo world's origin is the demo datum, so Gazebo's world frame is map."""
+    folder = Path(__file__).resolve().parents[1] / 'sim' / 'gazebo'
+    world = ElementTree.parse(folder / 'cgrs_demo.sdf').getroot().find('world')
+    coords = world.find('spherical_coordinates')
+    assert coords.findtext('surface_model') == 'EARTH_WGS84'
+    assert coords.findtext('world_frame_orientation') == 'ENU'
+    assert float(coords.findtext('heading_deg')) == 0.0
+    assert (float(coords.findtext('latitude_deg')), float(coords.findtext('longitude_deg')),
+            float(coords.findtext('elevation'))) == \
+        (DEFAULT_DATUM.lat, DEFAULT_DATUM.lon, DEFAULT_DATUM.alt)
+    assert any(p.get('name') == 'gz::sim::systems::NavSat' for p in world.findall('plugin'))
+    params = yaml.safe_load((folder / 'params.yaml').read_text())
+    for node in ('/**/retrieval_node', '/**/sim_drone'):
+        datum = params[node]['ros__parameters']['datum']
+        assert (datum['latitude'], datum['longitude'], datum['altitude']) == \
+            (DEFAULT_DATUM.lat, DEFAULT_DATUM.lon, DEFAULT_DATUM.alt)
