@@ -315,6 +315,8 @@ def test_invalid_parameter_is_refused_with_a_reason(stack):
     assert not refused.successful and 'top_k' in refused.reason
     refused = probe.set_param('map_frame', '  ')
     assert not refused.successful and 'map_frame' in refused.reason
+    assert probe.set_param('coarse_k', 2).successful
+    assert probe.set_param('coarse_k', 20).successful
     accepted = probe.set_param('top_k', 4)
     assert accepted.successful
     assert len(probe.say('parking lot with cars').candidates) == 4
@@ -337,7 +339,9 @@ def test_flood_of_topic_goals_follows_the_busy_policy(stack):
     flat = [s[0] for s in statuses]
     assert set(flat) <= {RetrievalResult.STATUS_OK, RetrievalResult.STATUS_BUSY}
     assert flat.count(RetrievalResult.STATUS_BUSY) >= 1
-    assert flat[0] == RetrievalResult.STATUS_OK  # the first one found the worker idle
+    # At most max_pending (1) waits behind the running goal, so of a burst of 20 only a few run;
+    # which ones depends on when the worker picks them up, except the last, which always does.
+    assert 1 <= flat.count(RetrievalResult.STATUS_OK) < len(texts)
 
 
 def test_cancel_a_queued_action_goal(stack):

@@ -165,6 +165,8 @@ class RetrievalNode(Node):
         self.params[name] = value
         if name.startswith('datum.'):
             self._datum = None  # recomputed before the next query
+        elif name == 'coarse_k' and self._retriever is not None:
+            self._retriever.config.retrieval.coarse_k = value  # read on every query
 
     def _datum_now(self):
         if self._datum is None:
