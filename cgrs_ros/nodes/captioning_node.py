@@ -34,10 +34,9 @@ import time
 
 from cgrs_ros.engine.errors import CgrsError
 from cgrs_ros.nodes.parameters import declare_parameters, Param
+from cgrs_ros.nodes.spin import spin_node
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String, UInt32
@@ -305,24 +304,7 @@ class CaptioningNode(Node):
 
 def main(args=None):
     """Run captioning_node until Ctrl-C or shutdown."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = CaptioningNode()
-        executor = MultiThreadedExecutor(num_threads=2)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except rclpy.exceptions.InvalidParameterValueException as exc:
-        print(f'captioning_node: invalid parameter: {exc}', flush=True)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return spin_node(CaptioningNode, 'captioning_node', threads=2, args=args)
 
 
 if __name__ == '__main__':

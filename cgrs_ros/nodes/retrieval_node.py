@@ -29,12 +29,11 @@ from cgrs_ros.msg import RetrievalResult
 from cgrs_ros.nodes import convert
 from cgrs_ros.nodes.datum import DATUM_PARAMETERS, resolve_datum
 from cgrs_ros.nodes.parameters import declare_parameters, Param
+from cgrs_ros.nodes.spin import spin_node
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
-import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
@@ -408,24 +407,7 @@ class RetrievalNode(Node):
 
 def main(args=None):
     """Run retrieval_node until Ctrl-C or shutdown."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = RetrievalNode()
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except rclpy.exceptions.InvalidParameterValueException as exc:
-        print(f'retrieval_node: invalid parameter: {exc}', flush=True)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return spin_node(RetrievalNode, 'retrieval_node', threads=4, args=args)
 
 
 if __name__ == '__main__':

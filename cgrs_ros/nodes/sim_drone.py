@@ -20,14 +20,12 @@ import json
 import math
 
 from cgrs_ros.engine import geo
-from cgrs_ros.engine.errors import CgrsError
 from cgrs_ros.engine.flight import Flight, FlightLimits
 from cgrs_ros.nodes.datum import DATUM_PARAMETERS, gallery_items, resolve_datum
 from cgrs_ros.nodes.parameters import declare_parameters, Param
+from cgrs_ros.nodes.spin import spin_node
 from geometry_msgs.msg import PoseStamped, Quaternion
 from nav_msgs.msg import Odometry
-import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import NavSatFix, NavSatStatus
@@ -248,27 +246,7 @@ class SimDrone(Node):
 
 def main(args=None):
     """Run sim_drone until Ctrl-C or shutdown."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = SimDrone()
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except rclpy.exceptions.InvalidParameterValueException as exc:
-        print(f'sim_drone: invalid parameter: {exc}', flush=True)
-        return 2
-    except CgrsError as exc:
-        print(f'sim_drone: {exc}', flush=True)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return spin_node(SimDrone, 'sim_drone', args=args)
 
 
 if __name__ == '__main__':
