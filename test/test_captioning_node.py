@@ -19,11 +19,8 @@ import time
 from diagnostic_msgs.msg import DiagnosticArray
 from PIL import Image
 import pytest
-from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
-import rclpy
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from ros_probe import RosProbe
 from std_msgs.msg import String, UInt32
 from std_srvs.srv import Trigger
 import yaml
@@ -70,75 +67,27 @@ def _store_rows(gallery):
         conn.close()
 
 
-class Probe:
-    """A node in the test process that listens to the captioning node and calls its services."""
+class Probe(RosProbe):
+    """Listens to the captioning node and calls its services."""
 
     def __init__(self, namespace='cgrs'):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('cgrs_caption_probe', context=self.context)
-        self.lock = threading.Lock()
-        self.heard = {'progress': [], 'updated': [], 'diag': [], 'result': []}
-        ns = f'/{namespace}'
-        sub = self.node.create_subscription
-        sub(String, f'{ns}/captioning_node/progress',
-            self._keep('progress', lambda m: json.loads(m.data)), LATCHED)
-        sub(UInt32, f'{ns}/captions_updated', self._keep('updated', lambda m: m.data), LATCHED)
-        sub(DiagnosticArray, '/diagnostics', self._keep('diag'), 10)
+        super().__init__('cgrs_caption_probe')
+        ns = self.ns = f'/{namespace}'
+        self.listen('progress', String, f'{ns}/captioning_node/progress', LATCHED,
+                    lambda m: json.loads(m.data))
+        self.listen('updated', UInt32, f'{ns}/captions_updated', LATCHED, lambda m: m.data)
+        self.listen('diag', DiagnosticArray, '/diagnostics')
         self.rescan_client = self.node.create_client(Trigger, f'{ns}/captioning_node/rescan')
-        self.params = self.node.create_client(SetParameters,
-                                              f'{ns}/captioning_node/set_parameters')
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def _keep(self, key, convert=lambda m: m):
-        def callback(msg):
-            with self.lock:
-                self.heard[key].append(convert(msg))
-        return callback
-
-    def wait_for(self, predicate, timeout=60.0, what='condition', proc=None):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError(f'the node exited ({proc.returncode}) before {what}')
-            with self.lock:
-                value = predicate(self.heard)
-            if value:
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
     def progress(self, predicate, what, proc=None, timeout=60.0):
         return self.wait_for(lambda h: [p for p in h['progress'] if predicate(p)],
                              timeout, what, proc)[-1]
 
-    def call(self, client, request, timeout=30.0):
-        assert client.wait_for_service(timeout_sec=timeout), 'service not found'
-        future = client.call_async(request)
-        deadline = time.monotonic() + timeout
-        while not future.done():
-            assert time.monotonic() < deadline, 'service call timed out'
-            time.sleep(0.01)
-        return future.result()
-
     def rescan(self):
         return self.call(self.rescan_client, Trigger.Request())
 
     def set_param(self, name, value):
-        if isinstance(value, int):
-            pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
-        else:
-            pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
-        return self.call(self.params, SetParameters.Request(
-            parameters=[Parameter(name=name, value=pv)])).results[0]
-
-    def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
+        return super().set_param(f'{self.ns}/captioning_node', name, value)
 
 
 class Output:
@@ -359,10 +308,10 @@ def test_stack_picks_up_new_captions_without_restart(chat_server, tiny_open_clip
     output = Output(proc)
     probe = Probe()
     goals = probe.node.create_publisher(String, '/cgrs/goal_text', 10)
-    probe.node.create_subscription(RetrievalResult, '/cgrs/result', probe._keep('result'), 10)
+    probe.listen('result', RetrievalResult, '/cgrs/result')
 
     def say(text):
-        seen = len(probe.heard['result'])
+        seen = probe.count('result')
         goals.publish(String(data=text))
         return probe.wait_for(lambda h: [r for r in h['result'][seen:] if r.query == text],
                               90.0, f'result of {text!r}', proc)[-1]

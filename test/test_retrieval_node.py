@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 
 from cgrs_ros.action import Retrieve
@@ -20,12 +19,9 @@ import numpy as np
 from PIL import Image
 import pyproj
 import pytest
-from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
-import rclpy
 from rclpy.action import ActionClient
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile
+from ros_probe import RosProbe
 from sensor_msgs.msg import NavSatFix
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
@@ -93,53 +89,21 @@ def gallery(tmp_path_factory):
     return {'root': root, 'params': params, 'rows': rows_by_id}
 
 
-class Probe:
-    """A node in the test process that talks to the stack and records what it hears."""
+class Probe(RosProbe):
+    """Sends goals to the stack by topic and action and records what comes back."""
 
     def __init__(self, namespace='cgrs'):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('cgrs_test_probe', context=self.context)
-        self.lock = threading.Lock()
-        self.heard = {'pose': [], 'fix': [], 'result': [], 'markers': [], 'diag': []}
+        super().__init__('cgrs_test_probe')
         ns = f'/{namespace}'
-        sub = self.node.create_subscription
-        sub(PoseStamped, '/goal_pose', self._keep('pose'), 10)
-        sub(NavSatFix, f'{ns}/goal_fix', self._keep('fix'), 10)
-        sub(RetrievalResult, f'{ns}/result', self._keep('result'), 100)
-        sub(MarkerArray, f'{ns}/candidates', self._keep('markers'),
-            QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        sub(DiagnosticArray, '/diagnostics', self._keep('diag'), 10)
+        self.ns = ns
+        self.listen('pose', PoseStamped, '/goal_pose')
+        self.listen('fix', NavSatFix, f'{ns}/goal_fix')
+        self.listen('result', RetrievalResult, f'{ns}/result', 100)
+        self.listen('markers', MarkerArray, f'{ns}/candidates',
+                    QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.listen('diag', DiagnosticArray, '/diagnostics')
         self.goal_pub = self.node.create_publisher(String, f'{ns}/goal_text', 100)
         self.action = ActionClient(self.node, Retrieve, f'{ns}/retrieve')
-        self.params = self.node.create_client(SetParameters,
-                                              f'{ns}/retrieval_node/set_parameters')
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def _keep(self, key):
-        def callback(msg):
-            with self.lock:
-                self.heard[key].append(msg)
-        return callback
-
-    def count(self, key):
-        with self.lock:
-            return len(self.heard[key])
-
-    def wait_for(self, predicate, timeout=60.0, what='condition', proc=None):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError(f'the stack exited ({proc.returncode}) before {what}')
-            with self.lock:
-                value = predicate(self.heard)
-            if value:
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
     def results_for(self, query):
         with self.lock:
@@ -153,13 +117,6 @@ class Probe:
             lambda h: [r for r in h['result'][seen:] if r.query == text.strip()],
             timeout, f'result of {text!r}')[-1]
 
-    def wait_future(self, future, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while not future.done():
-            assert time.monotonic() < deadline, 'action future timed out'
-            time.sleep(0.01)
-        return future.result()
-
     def send_goal(self, description, top_k=0, platform='', feedback=None):
         assert self.action.wait_for_server(timeout_sec=30.0), 'retrieve action not found'
         handle = self.wait_future(self.action.send_goal_async(
@@ -169,21 +126,7 @@ class Probe:
         return handle
 
     def set_param(self, name, value):
-        assert self.params.wait_for_service(timeout_sec=30.0)
-        if isinstance(value, bool):
-            pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
-        elif isinstance(value, int):
-            pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
-        else:
-            pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
-        response = self.wait_future(self.params.call_async(
-            SetParameters.Request(parameters=[Parameter(name=name, value=pv)])))
-        return response.results[0]
-
-    def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
+        return super().set_param(f'{self.ns}/retrieval_node', name, value)
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 import subprocess
-import threading
 import time
 import xml.etree.ElementTree as ElementTree
 
@@ -20,8 +19,8 @@ from nav_msgs.msg import Odometry
 import pyproj
 import pytest
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile
+from ros_probe import RosProbe
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import NavSatFix
 from std_msgs.msg import String
@@ -61,47 +60,22 @@ def _start(params_file, log_path, extra=None):
         return subprocess.Popen(stack.command(spec), stdout=out, stderr=subprocess.STDOUT)
 
 
-class Probe:
+class Probe(RosProbe):
     """Publishes goals (and optionally /clock); records odom, fix and status."""
 
     def __init__(self, namespace='cgrs'):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('sim_drone_probe', context=self.context)
-        self.lock = threading.Lock()
-        self.heard = {'odom': [], 'fix': [], 'status': []}
+        super().__init__('sim_drone_probe')
         ns = f'/{namespace}'
-        self.node.create_subscription(Odometry, f'{ns}/odom', self._keep('odom'), 50)
-        self.node.create_subscription(NavSatFix, f'{ns}/fix', self._keep('fix'), 50)
-        self.node.create_subscription(
-            String, f'{ns}/status', self._keep('status', json.loads),
-            QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.listen('odom', Odometry, f'{ns}/odom', 50)
+        self.listen('fix', NavSatFix, f'{ns}/fix', 50)
+        self.listen('status', String, f'{ns}/status',
+                    QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL),
+                    lambda m: json.loads(m.data))
         self.goal_pub = self.node.create_publisher(PoseStamped, '/goal_pose', 10)
         self.clock_pub = self.node.create_publisher(Clock, '/clock', 10)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def _keep(self, key, convert=None):
-        def callback(msg):
-            with self.lock:
-                self.heard[key].append(convert(msg.data) if convert else msg)
-        return callback
 
     def wait_for(self, predicate, what, proc, log, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f'sim_drone exited ({proc.returncode}) before {what}: '
-                                     f'{log.read_text()}')
-            with self.lock:
-                value = predicate(self.heard)
-            if value:
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f'timed out after {timeout} s waiting for {what}; '
-                             f'log: {log.read_text()}')
+        return super().wait_for(predicate, timeout, what, proc, log)
 
     def send_goal(self, x, y, z, yaw=None, frame='map'):
         msg = PoseStamped()
@@ -111,11 +85,6 @@ class Probe:
         if yaw is not None:
             msg.pose.orientation.z, msg.pose.orientation.w = math.sin(yaw / 2), math.cos(yaw / 2)
         self.goal_pub.publish(msg)
-
-    def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
 
 
 def _stop(proc):
