@@ -13,13 +13,10 @@ filter quality. The row matrix is read straight out of the FAISS index (no secon
 scoring candidates that came from the other channel.
 """
 
-import contextlib
-import os
 from pathlib import Path
-import tempfile
 
 from cgrs_ros.engine.gallery import PLATFORMS
-from cgrs_ros.engine.storage import atomic_write_json, fsync_dir, read_json
+from cgrs_ros.engine.storage import atomic_replace, atomic_write_json, read_json
 import faiss
 import numpy as np
 
@@ -28,20 +25,8 @@ PLATFORM_CODES = {name: code for code, name in enumerate(PLATFORMS)}
 
 def write_faiss_index(index, path):
     """Write a FAISS index atomically (faiss.write_index to a temp file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
-    os.close(fd)
-    try:
+    with atomic_replace(path) as tmp:
         faiss.write_index(index, tmp)
-        with open(tmp, 'rb') as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 class VectorIndex:

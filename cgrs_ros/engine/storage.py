@@ -45,15 +45,20 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
+@contextlib.contextmanager
+def atomic_replace(path):
+    """Yield a temp path beside ``path``; when the block succeeds, fsync it and rename it over.
+
+    For writers that need a file name (FAISS, SQLite backups); on any error the temp file is
+    removed and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with open(tmp, 'rb') as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -61,6 +66,13 @@ def atomic_write_bytes(path, data):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
+    with atomic_replace(path) as tmp:
+        with open(tmp, 'wb') as handle:
+            handle.write(data)
 
 
 def atomic_write_text(path, text):
