@@ -344,3 +344,24 @@ def test_identical_images_share_one_embedding(gallery, config):
                                                      platform='ground')
     scores = {c.image_id: c.coarse_score for c in result.candidates}
     assert scores['church'] == scores['church2']
+
+
+def test_stage_callback_reports_each_stage_and_can_abandon_the_query(gallery, config):
+    index_gallery(gallery, config(), progress=False)
+    retriever = Retriever.open(gallery, config())
+    seen = []
+    result = retriever.query('a red roof', on_stage=lambda stage, p: seen.append((stage, p)))
+    assert [stage for stage, _ in seen] == ['encode', 'coarse', 'rerank']
+    assert [p for _, p in seen] == sorted(p for _, p in seen)
+    assert result.candidates
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_coarse(stage, progress):
+        if stage == 'coarse':
+            raise Stop()
+
+    with pytest.raises(Stop):
+        retriever.query('a red roof', on_stage=stop_at_coarse)
+    assert retriever.query('a red roof').candidates  # nothing left half-done

@@ -341,9 +341,15 @@ class Retriever:
         sat, other = by_text[sat_text], by_text[other_text]
         return [sat if code == SATELLITE else other for code in range(len(PLATFORMS))]
 
-    def query(self, text, top_k=None, platform=None):
-        """Rank gallery images for a description; returns a :class:`QueryResult`."""
+    def query(self, text, top_k=None, platform=None, on_stage=None):
+        """Rank gallery images for a description; returns a :class:`QueryResult`.
+
+        ``on_stage(stage, progress)``, when given, is called as each stage starts ('encode',
+        'coarse', 'rerank'; progress 0..1). It may raise to abandon the query (the ROS node
+        does so when its action goal is cancelled).
+        """
         start = time.perf_counter()
+        stage = on_stage or (lambda name, progress: None)
         self._check_query(text, top_k, platform)
         cfg = self.config.retrieval
         top_k = int(top_k or cfg.top_k)
@@ -362,6 +368,7 @@ class Retriever:
         sat_text = normalized
         other_text = normalized if cfg.remove_orientation_words == 'true' else text
         texts = list(dict.fromkeys([other_text, sat_text]))
+        stage('encode', 0.2)
         image_q = (self._encode_query(self._image_encoder,
                                       self.config.image_encoder.query_threads, texts, sat_text,
                                       other_text) if image_index is not None else None)
@@ -372,12 +379,14 @@ class Retriever:
 
         k_search = max(cfg.coarse_k, top_k)
         coarse_scores = caption_scores = None
+        stage('coarse', 0.5)
         if image_index is not None:
             items, coarse_scores = image_index.search(
                 self._groups(image_index, image_q, platform), k_search)
             coarse_scores = coarse_scores.astype(np.float64)
         t_coarse = time.perf_counter()
 
+        stage('rerank', 0.7)
         if caption_index is not None:
             if image_index is None or cfg.caption_channel == 'hybrid':
                 cap_items, cap_scores = caption_index.search(

@@ -76,6 +76,10 @@ PARAMETERS = (
 )
 
 
+class _Canceled(Exception):
+    """Raised between engine stages when the action client cancelled the goal."""
+
+
 @dataclass
 class Job:
     """One goal waiting for (or in) the worker."""
@@ -340,12 +344,19 @@ class RetrievalNode(Node):
             return self._reject(job.text, f'the retrieval engine is not loaded: '
                                 f'{self._engine_error or "still loading"}',
                                 RetrievalResult.STATUS_ERROR, job)
-        job.feedback('retrieve', 0.1)
+
+        def on_stage(stage, progress):
+            if job.cancel_requested():
+                raise _Canceled()
+            job.feedback(stage, progress)
+
         try:
             found = self._retriever.query(job.text, top_k=job.top_k,
-                                          platform=job.platform or None)
+                                          platform=job.platform or None, on_stage=on_stage)
             result = convert.result_message(found, self._datum_now(), frame,
                                             self.get_clock().now().to_msg(), job.platform)
+        except _Canceled:
+            return self._finish_canceled(job)
         except CgrsError as exc:
             return self._reject(job.text, str(exc), RetrievalResult.STATUS_ERROR, job)
         except Exception as exc:  # never take the node down for one goal
