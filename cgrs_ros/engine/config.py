@@ -38,6 +38,9 @@ class ImageEncoderConfig(_Section):
     # cores). query_threads: for encoding one query (see encoders.py for why 1).
     threads: int = Field(0, ge=0, le=256)
     query_threads: int = Field(1, ge=0, le=256)
+    # cgrs index commits image embeddings to the store every this many images (rounded up to
+    # whole batches), so a killed run redoes at most that many; smaller = more, smaller segments.
+    checkpoint_every: int = Field(1024, ge=1, le=1_000_000)
 
 
 class TextEncoderConfig(_Section):

@@ -5,8 +5,9 @@ configured image encoder, a caption only when its text is new to the text encode
 size and mtime are unchanged are not even re-read (storage.FileHashCache). Models are loaded
 only when there is something to embed, so a run over an unchanged gallery does no model work.
 
-Work is checkpointed every :data:`CHECKPOINT_ROWS` embeddings (a new store segment), so an
-interrupted run resumes where it stopped. Images that fail to decode are skipped with the
+Image embeddings are checkpointed every ``image_encoder.checkpoint_every`` images (default
+1024; each checkpoint is a new store segment), caption embeddings every :data:`CHECKPOINT_ROWS`,
+so an interrupted run resumes where it stopped. Images that fail to decode are skipped with the
 reason and remembered by content hash, so later runs do not try them again (until the file
 changes).
 """
@@ -106,7 +107,7 @@ def _embed_images(gallery, todo, path_of_hash, config, store, hash_cache, summar
                 pending_keys.extend(keys)
                 summary.images_embedded += len(images)
             bar.update(len(batch))
-            if len(pending_keys) >= CHECKPOINT_ROWS:
+            if len(pending_keys) >= config.image_encoder.checkpoint_every:
                 _flush(store, pending_keys, pending_vecs)
                 hash_cache.mark_undecodable(failures)
         _flush(store, pending_keys, pending_vecs)

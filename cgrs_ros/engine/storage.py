@@ -221,7 +221,9 @@ class EmbeddingStore:
     ``seg-NNNNNN.npy`` + ``seg-NNNNNN.keys.json``. Adding vectors writes a new segment and then
     replaces ``meta.json``; an interrupted run therefore keeps every segment it finished and
     resumes from there. Segments are merged when there are many. Writers take a file lock, so
-    the indexer and a retrieval node embedding new captions can share a store.
+    the indexer and a retrieval node embedding new captions can share a store; under that lock
+    each write first removes what a killed writer left behind (temp files, segments that
+    ``meta.json`` does not name).
     """
 
     MAX_SEGMENTS = 24
@@ -306,6 +308,7 @@ class EmbeddingStore:
                 raise RuntimeError(
                     f'embedding store {self.root} holds {meta["dim"]}-d vectors, got '
                     f'{vectors.shape[1]}-d for the same encoder identity')
+            self._sweep_locked(meta)
             present = set()
             for seg in meta['segments']:
                 present.update(read_json(self.root / f'{seg["name"]}.keys.json'))
@@ -330,8 +333,23 @@ class EmbeddingStore:
         """Merge all segments into one, dropping keys not in ``keep`` (when given)."""
         with self._lock, file_lock(self.root / '.lock'):
             meta = self._read_meta()
+            self._sweep_locked(meta)
             if meta['segments']:
                 self._compact_locked(meta, keep)
+
+    def _sweep_locked(self, meta):
+        # Every write here happens under the lock, so with the lock held a temp file or a
+        # segment meta.json does not name can only be left by a writer killed mid-write
+        # (SIGKILL, power loss); without this they would stay forever, up to a whole store's
+        # size when the kill hit a compaction.
+        named = {f'{seg["name"]}{suffix}' for seg in meta['segments']
+                 for suffix in ('.npy', '.keys.json')}
+        for path in self.root.glob('*'):
+            name = path.name
+            if (name.startswith('.') and name.endswith('.tmp')) or (
+                    name.startswith('seg-') and name not in named):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def _compact_locked(self, meta, keep):
         old = [seg['name'] for seg in meta['segments']]
