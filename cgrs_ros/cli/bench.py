@@ -1,20 +1,11 @@
 """``cgrs bench``: query latency vs its floor on synthetic galleries, and re-index speed."""
 
-import argparse
 import json
 import shutil
 import sys
 import tempfile
 
-
-def _sizes(text):
-    try:
-        value = int(float(text))  # accepts 1e5
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a positive gallery size')
-    return value
+from cgrs_ros.cli.arguments import positive_int
 
 
 def _format_query(r):
@@ -83,7 +74,7 @@ def register(subparsers):
                     'name), the floor measured in the same run (encoder forward passes + bare '
                     'FAISS search), their ratio and memory per item. With --index-images, also '
                     'the time of a first index and of an unchanged re-index.')
-    parser.add_argument('--gallery-size', type=_sizes, nargs='+', default=[100000],
+    parser.add_argument('--gallery-size', type=positive_int, nargs='+', default=[100000],
                         metavar='N', help='gallery sizes (default: 100000)')
     parser.add_argument('--queries', type=int, default=50, help='timed queries per size')
     parser.add_argument('--image-model', default='ViT-B-32',

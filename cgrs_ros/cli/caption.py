@@ -5,7 +5,7 @@ import signal
 import sys
 import threading
 
-from cgrs_ros.cli.index import add_engine_arguments
+from cgrs_ros.cli.arguments import add_engine_arguments
 
 MAX_LISTED = 50
 

@@ -3,16 +3,9 @@
 import json
 import sys
 
+from cgrs_ros.cli.arguments import add_engine_arguments
+
 MAX_LISTED = 50
-
-
-def add_engine_arguments(parser):
-    """Add the --config and --state options every engine subcommand takes."""
-    parser.add_argument('--config', metavar='FILE',
-                        help='engine config YAML (default: built-in defaults, see '
-                             'config/engine.yaml)')
-    parser.add_argument('--state', '--state-dir', dest='state', metavar='DIR',
-                        help='state folder (default: GALLERY/.cgrs)')
 
 
 def format_summary(summary):

@@ -2,7 +2,7 @@
 
 import json
 
-from cgrs_ros.cli.index import add_engine_arguments
+from cgrs_ros.cli.arguments import add_engine_arguments, positive_int
 from cgrs_ros.engine.gallery import PLATFORMS
 
 
@@ -48,17 +48,6 @@ def run(args):
     return 0
 
 
-def _positive(text):
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
-    return value
-
-
 def register(subparsers):
     """Add the ``query`` subcommand."""
     parser = subparsers.add_parser(
@@ -68,7 +57,7 @@ def register(subparsers):
     parser.add_argument('gallery', metavar='GALLERY', help='folder holding gallery.csv')
     parser.add_argument('text', metavar='TEXT', help='the description, e.g. "the red-roofed '
                                                      'building beside the circular plaza"')
-    parser.add_argument('--top-k', type=_positive, metavar='K',
+    parser.add_argument('--top-k', type=positive_int, metavar='K',
                         help='candidates to return (default: retrieval.top_k)')
     parser.add_argument('--platform', choices=PLATFORMS, help='only images of this platform')
     add_engine_arguments(parser)
