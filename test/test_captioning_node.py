@@ -306,7 +306,11 @@ def test_stack_picks_up_new_captions_without_restart(chat_server, tiny_open_clip
          'captioning:=true'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED='1'))
     output = Output(proc)
-    probe = Probe()
+    try:
+        probe = Probe()
+    except BaseException:
+        _stop(proc, output)
+        raise
     goals = probe.node.create_publisher(String, '/cgrs/goal_text', 10)
     probe.listen('result', RetrievalResult, '/cgrs/result')
 

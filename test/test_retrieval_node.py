@@ -137,15 +137,17 @@ def stack(gallery, tmp_path_factory, module_ros_domain):
             [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={gallery["params"]}',
              'captioning:=false'], env=dict(os.environ, PYTHONUNBUFFERED='1'),
             stdout=out, stderr=subprocess.STDOUT)
-    probe = Probe()
+    probe = None
     try:
+        probe = Probe()
         probe.wait_for(
             lambda h: any(kv.key == 'engine' and kv.value == 'ready'
                           for d in h['diag'] for s in d.status for kv in s.values),
             timeout=180.0, what=f'retrieval_node ready (log: {log})', proc=proc)
         yield {'probe': probe, 'proc': proc, 'log': log, 'gallery': gallery}
     finally:
-        probe.close()
+        if probe is not None:
+            probe.close()
         proc.send_signal(2)  # Ctrl-C, as a user stops it
         try:
             proc.wait(timeout=30)
