@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     'query',
     'bench',
     'caption',
+    'train',
 )
 
 

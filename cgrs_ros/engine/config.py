@@ -26,9 +26,10 @@ class _Section(BaseModel):
 class ImageEncoderConfig(_Section):
     """The CLIP-style dual encoder for the coarse channel (``backend: none`` turns it off)."""
 
-    backend: Literal['open_clip', 'hf_clip', 'none'] = 'open_clip'
+    backend: Literal['open_clip', 'hf_clip', 'learned', 'none'] = 'open_clip'
     # open_clip: an architecture name (ViT-B-32), 'local-dir:/path' or 'hf-hub:org/repo';
-    # hf_clip: a Hugging Face model id or a local folder saved with save_pretrained.
+    # hf_clip: a Hugging Face model id or a local folder saved with save_pretrained;
+    # learned: a model folder written by `cgrs train dual` (offline towers + trained heads).
     model: str = 'ViT-B-32'
     # open_clip only: a pretrained tag (laion2b_s34b_b79k) or a checkpoint file path.
     pretrained: Optional[str] = 'laion2b_s34b_b79k'
@@ -99,6 +100,9 @@ class RetrievalConfig(_Section):
     rrf_k: float = Field(60.0, gt=0.0)
     caption_channel: Literal['rerank', 'hybrid'] = 'rerank'
     remove_orientation_words: Literal['auto', 'true', 'false'] = 'auto'
+    # Drop a leading spoken command ("fly to", "take me to", "can you go over to") from the
+    # query before encoding it: it says what to do, not what the place looks like.
+    remove_command_words: bool = True
 
     @field_validator('remove_orientation_words', mode='before')
     @classmethod

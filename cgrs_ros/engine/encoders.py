@@ -25,6 +25,7 @@ from pathlib import Path
 import threading
 
 from cgrs_ros.engine.errors import ConfigError, ModelLoadError
+from cgrs_ros.engine.gallery import PLATFORMS
 from cgrs_ros.engine.torch_compat import ensure_torchvision
 import numpy as np
 
@@ -102,17 +103,41 @@ class ImageTextEncoder(_Counting, abc.ABC):
     identity = ''
     dim = 0
     batch_size = 32
+    # True when images are projected by their platform's expert (learned PE-MoE models):
+    # encode_images then needs the platforms, and a query has one vector per platform.
+    platform_experts = False
 
-    def encode_images(self, images):
-        """Return float32 L2-normalized embeddings (n, dim) of PIL images."""
+    def encode_images(self, images, platforms=None):
+        """Return float32 L2-normalized embeddings (n, dim) of PIL images.
+
+        ``platforms`` (one per image) routes each image to its platform's expert; encoders
+        without experts ignore it.
+        """
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.platform_experts and (platforms is None or len(platforms) != len(images)):
+            raise ValueError('this encoder routes images by platform: pass one platform per '
+                             'image')
         out = []
         with self._forward():
             for start in range(0, len(images), self.batch_size):
-                out.append(self._encode_images(images[start:start + self.batch_size]))
+                batch = images[start:start + self.batch_size]
+                if self.platform_experts:
+                    out.append(self._encode_images(
+                        batch, platforms=list(platforms[start:start + self.batch_size])))
+                else:
+                    out.append(self._encode_images(batch))
             self.images_encoded += len(images)
         return _normalize(np.concatenate(out))
+
+    def encode_texts_per_platform(self, texts, threads=None):
+        """Return (len(PLATFORMS), n, dim) query embeddings, one set per platform.
+
+        Without experts every platform gets the same vectors; an expert model projects the
+        query by each platform's expert, to be scored against that platform's images.
+        """
+        encoded = self.encode_texts(texts, threads=threads)
+        return np.broadcast_to(encoded, (len(PLATFORMS),) + encoded.shape)
 
     def encode_texts(self, texts, threads=None):
         """Return float32 L2-normalized embeddings (n, dim) of texts (the text tower).
@@ -402,6 +427,80 @@ class HfClipEncoder(ImageTextEncoder):
         return self._features(out).float().cpu().numpy()
 
 
+# ----------------------------------------------------------------------------- learned
+
+def learned_identity(model):
+    """Identity of a model folder written by ``cgrs train dual`` (ModelLoadError if unusable)."""
+    from cgrs_ros.engine.learning.heads import read_model_config, WEIGHTS_FILE
+    folder = Path(os.path.expanduser(model)).resolve()
+    read_model_config(folder)
+    return f'learned:{folder}@{_stat_fingerprint([folder / WEIGHTS_FILE])}'
+
+
+class LearnedDualEncoder(ImageTextEncoder):
+    """A dual encoder trained by ``cgrs train dual``: frozen towers + trained heads.
+
+    Images go through the frozen EfficientNet-Lite0 tower and their platform's image head;
+    texts through the frozen sentence encoder (shared with the caption channel when it is the
+    same model) and the text heads. See cgrs_ros/engine/learning/.
+    """
+
+    def __init__(self, model, device='cpu', batch_size=32, threads=0):
+        """Load a model folder (ModelLoadError naming the folder when it is not one)."""
+        super().__init__()
+        from cgrs_ros.engine.config import TextEncoderConfig
+        from cgrs_ros.engine.learning.heads import load_heads
+        from cgrs_ros.engine.learning.towers import Lite0Tower
+        import torch
+        self._torch = torch
+        self.threads = threads
+        self.identity = learned_identity(model)
+        folder = Path(os.path.expanduser(model)).resolve()
+        self._heads, config = load_heads(folder)
+        self._heads.to(device)
+        towers = config['towers']
+        self._tower = Lite0Tower(towers['image'].get('image_size', 256), device)
+        if self._tower.identity != towers['image']['identity']:
+            raise ModelLoadError(
+                f'{folder} was trained on image features {towers["image"]["identity"]}, this '
+                f'version computes {self._tower.identity}; retrain it with `cgrs train dual`')
+        self._text = load_text_encoder(TextEncoderConfig(model=towers['text']['model'],
+                                                         device=device))
+        self.platform_experts = len(self._heads.experts) > 1
+        self._device = device
+        self.batch_size = batch_size
+        self.dim = self._heads.shape['dim']
+
+    def _encode_images(self, images, platforms=None):
+        torch = self._torch
+        features = torch.from_numpy(self._tower.features(images)).to(self._device)
+        experts = torch.tensor([self._heads.expert_index(p) for p in platforms or
+                                [None] * len(images)], dtype=torch.int64)
+        with torch.inference_mode():
+            return self._heads.images(features, experts).cpu().numpy()
+
+    def _project_texts(self, texts):
+        """(E, n, dim) raw projections; runs inside _forward, whose thread count applies."""
+        torch = self._torch
+        features = torch.from_numpy(self._text.encode_texts(texts))
+        with torch.inference_mode():
+            return self._heads.texts(features.to(self._device)).cpu().numpy()
+
+    def _encode_texts(self, texts):
+        # Without a platform: the first expert (the only one of a shared-head model).
+        return self._project_texts(texts)[0]
+
+    def encode_texts_per_platform(self, texts, threads=None):
+        """Return (len(PLATFORMS), n, dim): each platform's expert projection of the texts."""
+        if not texts:
+            return np.zeros((len(PLATFORMS), 0, self.dim), dtype=np.float32)
+        with self._forward(threads):
+            per_expert = self._project_texts(list(texts))
+            self.texts_encoded += len(texts)
+        rows = [per_expert[self._heads.expert_index(p)] for p in PLATFORMS]
+        return np.stack([_normalize(r) for r in rows])
+
+
 # ----------------------------------------------------------------------------- sentence encoder
 
 def _minilm_package_path():
@@ -472,8 +571,10 @@ def image_encoder_identity(cfg):
         return open_clip_identity(cfg.model, cfg.pretrained)
     if cfg.backend == 'hf_clip':
         return hf_clip_identity(cfg.model)
-    raise ConfigError(f'unknown image_encoder.backend {cfg.backend!r}; use open_clip, hf_clip '
-                      'or none')
+    if cfg.backend == 'learned':
+        return learned_identity(cfg.model)
+    raise ConfigError(f'unknown image_encoder.backend {cfg.backend!r}; use open_clip, hf_clip, '
+                      'learned or none')
 
 
 # Loaded models, shared within a process: the evaluation opens one retriever per method and a
@@ -506,6 +607,9 @@ def load_image_encoder(cfg):
     if cfg.backend == 'open_clip':
         return _cached(key, lambda: OpenClipEncoder(cfg.model, cfg.pretrained, cfg.device,
                                                     cfg.batch_size, threads=cfg.threads))
+    if cfg.backend == 'learned':
+        return _cached(key, lambda: LearnedDualEncoder(cfg.model, cfg.device, cfg.batch_size,
+                                                       threads=cfg.threads))
     return _cached(key, lambda: HfClipEncoder(cfg.model, cfg.device, cfg.batch_size,
                                               threads=cfg.threads))
 

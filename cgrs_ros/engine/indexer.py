@@ -87,23 +87,29 @@ def _chunks(seq, size):
         yield seq[start:start + size]
 
 
-def _embed_images(gallery, todo, path_of_hash, config, store, hash_cache, summary, progress):
-    """Embed images (by content hash) into ``store``; returns {hash: decode error}."""
+def _embed_images(todo, path_of_hash, platform_of_hash, config, store, hash_cache, summary,
+                  progress):
+    """Embed images (by content hash) into ``store``; returns {hash: decode error}.
+
+    An encoder with platform experts gets each image's platform (the first row's, when the
+    same file appears under two platforms).
+    """
     encoder = load_image_encoder(config.image_encoder)
     summary.models_loaded.append(encoder.identity)
     failures, pending_keys, pending_vecs = {}, [], []
     bar = tqdm(total=len(todo), desc='embedding images', unit='img', disable=not progress)
     try:
         for batch in _chunks(todo, encoder.batch_size):
-            images, keys = [], []
+            images, keys, platforms = [], [], []
             for content in batch:
                 try:
                     images.append(_decode(path_of_hash[content]))
                     keys.append(content)
+                    platforms.append(platform_of_hash[content])
                 except Exception as exc:  # any decoder error: skip this image, keep going
                     failures[content] = f'cannot decode image ({type(exc).__name__}: {exc})'
             if images:
-                pending_vecs.append(encoder.encode_images(images))
+                pending_vecs.append(encoder.encode_images(images, platforms=platforms))
                 pending_keys.extend(keys)
                 summary.images_embedded += len(images)
             bar.update(len(batch))
@@ -210,13 +216,14 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
             store = EmbeddingStore.for_encoder(state, 'image', identity)
             have = store.keys()
             known_bad = hash_cache.undecodable()
-            path_of_hash = {}
+            path_of_hash, platform_of_hash = {}, {}
             for item, content in zip(gallery.items, hashes):
                 path_of_hash.setdefault(content, gallery.path_of(item))
+                platform_of_hash.setdefault(content, item.platform)
             todo = [c for c in path_of_hash if c not in have and c not in known_bad]
             if todo:
-                new_bad = _embed_images(gallery, todo, path_of_hash, config, store, hash_cache,
-                                        summary, progress)
+                new_bad = _embed_images(todo, path_of_hash, platform_of_hash, config, store,
+                                        hash_cache, summary, progress)
                 worked.update(todo)
                 known_bad.update(new_bad)
             bad = {c: known_bad[c] for c in set(hashes) if c in known_bad}

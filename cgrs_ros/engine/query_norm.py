@@ -1,4 +1,4 @@
-"""Query normalization: removing orientation words.
+"""Query normalization: removing orientation words and the spoken command around a goal.
 
 A satellite tile is a nadir view whose "up" is an arbitrary choice of the tile grid, and an
 operator's "north of", "on the left", "upper-right corner" refer to their own viewpoint, not
@@ -58,3 +58,28 @@ def remove_orientation_words(text):
 def has_orientation_words(text):
     """Return True when :func:`remove_orientation_words` would change ``text``."""
     return remove_orientation_words(text) != ' '.join(text.split())
+
+
+# A goal is usually said as a command ("fly to ...", "take me to ...", "can you go over to
+# ..."). The command names what the drone should do, not what the place looks like, and it
+# pulls a sentence embedding toward every other command instead of toward the description.
+# Hand-written (no library lists navigation commands): optional politeness, a motion verb or
+# "take/bring me", optional "over/back", "to"; or "find"/"show me"/"where is".
+_COMMAND = re.compile(
+    r'^\s*(?:(?:ok(?:ay)?|hey|drone|please)[,!]?\s+)*'
+    r'(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?|i\s+(?:want|would\s+like|need)\s+'
+    r'(?:you\s+)?to\s+|let\'?s\s+)?'
+    r'(?:(?:fly|go|head|navigate|move|travel|get|drive|return|proceed)(?:\s+(?:over|back|on|down'
+    r'|up))?\s+to|(?:take|bring|get|send)\s+(?:me|us|the\s+drone|it)(?:\s+(?:over|back))?\s+to'
+    r'|(?:find|locate|show\s+me|search\s+for|look\s+for)|where\s+is)\s+',
+    re.IGNORECASE)
+
+
+def remove_command_words(text):
+    """Return ``text`` without a leading spoken command (unchanged if nothing else is left).
+
+    >>> remove_command_words('Please fly over to the red roof by the plaza.')
+    'the red roof by the plaza.'
+    """
+    stripped = _COMMAND.sub('', text, count=1).strip()
+    return stripped if re.search(r'\w', stripped) else ' '.join(text.split())

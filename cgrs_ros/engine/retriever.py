@@ -18,6 +18,8 @@ Channels:
 Orientation words (``retrieval.remove_orientation_words``): ``true`` removes them from the
 query everywhere, ``false`` never, ``auto`` only for satellite candidates: satellite rows are
 scored (in both channels) with the normalized query, other rows with the query as said.
+Before either, a leading spoken command ("fly to", "take me to") is dropped
+(``retrieval.remove_command_words``, on by default).
 
 Scores: cosine similarities (``coarse``, ``caption``) and the fused score (rerank.py).
 """
@@ -35,7 +37,7 @@ from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder
 from cgrs_ros.engine.errors import ConfigError, GalleryError, QueryError
 from cgrs_ros.engine.gallery import load_gallery, PLATFORMS
 from cgrs_ros.engine.index import PLATFORM_CODES, VectorIndex
-from cgrs_ros.engine.query_norm import remove_orientation_words
+from cgrs_ros.engine.query_norm import remove_command_words, remove_orientation_words
 from cgrs_ros.engine.rerank import fuse
 from cgrs_ros.engine.storage import (default_state_dir, EmbeddingStore, FileHashCache,
                                      sha256_text)
@@ -324,22 +326,39 @@ class Retriever:
 
     @staticmethod
     def _groups(index, vectors, platform):
-        """(vector, lo, hi) search groups: the platform filter, and auto-mode satellite rows."""
+        """(vector, lo, hi) search groups: one per run of platforms sharing a query vector.
+
+        Rows are sorted by platform (PLATFORMS order). Platforms get different vectors in
+        ``auto`` orientation mode (satellite) and with platform-expert encoders; consecutive
+        platforms with the same vector are searched as one range.
+        """
         if platform is not None:
             lo, hi = index.platform_range(platform)
             return [(vectors[PLATFORM_CODES[platform]], lo, hi)]
-        if vectors[SATELLITE] is vectors[SATELLITE + 1]:
-            return [(vectors[SATELLITE], 0, len(index))]
-        # Satellite rows come first (PLATFORMS order), so the rest is one range.
-        sat_hi = int(index.bounds[SATELLITE + 1])
-        return [(vectors[SATELLITE], 0, sat_hi), (vectors[SATELLITE + 1], sat_hi, len(index))]
+        groups = []
+        for code, name in enumerate(PLATFORMS):
+            lo, hi = index.platform_range(name)
+            if groups and np.array_equal(groups[-1][0], vectors[code]):
+                groups[-1] = (groups[-1][0], groups[-1][1], hi)
+            else:
+                groups.append((vectors[code], lo, hi))
+        return groups
 
     def _encode_query(self, encoder, threads, texts, sat_text, other_text):
-        """Encode the distinct query texts in one batch; return one vector per platform code."""
-        encoded = encoder.encode_texts(texts, threads=threads)
-        by_text = dict(zip(texts, encoded))
-        sat, other = by_text[sat_text], by_text[other_text]
-        return [sat if code == SATELLITE else other for code in range(len(PLATFORMS))]
+        """Encode the distinct query texts in one batch; return one vector per platform code.
+
+        Satellite rows get the satellite text, the others the other text; an image encoder
+        with platform experts also projects the query by each platform's expert.
+        """
+        per_platform = getattr(encoder, 'encode_texts_per_platform', None)
+        if per_platform is not None and encoder.platform_experts:
+            encoded = per_platform(texts, threads=threads)
+        else:
+            encoded = np.broadcast_to(encoder.encode_texts(texts, threads=threads),
+                                      (len(PLATFORMS), len(texts), encoder.dim))
+        index = {text: i for i, text in enumerate(texts)}
+        return [encoded[code][index[sat_text if code == SATELLITE else other_text]]
+                for code in range(len(PLATFORMS))]
 
     def query(self, text, top_k=None, platform=None, on_stage=None):
         """Rank gallery images for a description; returns a :class:`QueryResult`.
@@ -362,11 +381,12 @@ class Retriever:
             raise ConfigError('nothing to search: no image embeddings and no captions; run '
                               '`cgrs index` with an image encoder or captions')
         text = ' '.join(text.split())
-        normalized = remove_orientation_words(text)
+        said = remove_command_words(text) if cfg.remove_command_words else text
+        normalized = remove_orientation_words(said)
         if cfg.remove_orientation_words == 'false':
-            normalized = text
+            normalized = said
         sat_text = normalized
-        other_text = normalized if cfg.remove_orientation_words == 'true' else text
+        other_text = normalized if cfg.remove_orientation_words == 'true' else said
         texts = list(dict.fromkeys([other_text, sat_text]))
         stage('encode', 0.2)
         image_q = (self._encode_query(self._image_encoder,
@@ -420,7 +440,7 @@ class Retriever:
         end = time.perf_counter()
         timings = {'encode': (t_encode - start) * 1e3, 'coarse': (t_coarse - t_encode) * 1e3,
                    'rerank': (end - t_coarse) * 1e3, 'total': (end - start) * 1e3}
-        reported = normalized if cfg.remove_orientation_words != 'false' else text
+        reported = normalized if cfg.remove_orientation_words != 'false' else said
         return QueryResult(query=text, normalized_query=reported, candidates=candidates,
                            timings_ms=timings)
 

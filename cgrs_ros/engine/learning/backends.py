@@ -1,0 +1,251 @@
+"""What ``cgrs train dual`` trains: the offline towers with heads, or an open_clip model.
+
+Both backends give the train loop the same small surface: ``module`` (the torch module whose
+trainable parameters the optimizer moves), ``images(index, train)`` and ``texts(index,
+train)`` returning normalized embeddings (texts: one row set per expert), ``expert_ids`` of
+images, ``logit_scale``, and ``export(out_dir)`` writing a folder the engine loads.
+
+- :class:`HeadsBackend` (``model.backend: lite0_minilm``): frozen EfficientNet-Lite0 and
+  MiniLM features are computed once (and cached by file content / text hash), so an epoch only
+  runs the small heads: minutes on a laptop CPU.
+- :class:`OpenClipBackend` (``model.backend: open_clip``): any open_clip model the user holds,
+  fine-tuned end to end with LiT-style locks (open_clip's own ``lock_image_tower`` /
+  ``lock_text_tower``); exported as an open_clip ``local-dir`` folder.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from cgrs_ros.engine.errors import ConfigError, ModelLoadError
+from cgrs_ros.engine.learning.heads import DualHeads, save_model_folder
+from cgrs_ros.engine.learning.towers import FeatureCache, Lite0Tower
+from cgrs_ros.engine.storage import (atomic_replace, atomic_write_json, EmbeddingStore,
+                                     sha256_text)
+from cgrs_ros.engine.torch_compat import ensure_torchvision
+import numpy as np
+from PIL import Image
+import torch
+
+
+def text_features(texts, text_model, cache_root, device='cpu', progress=None):
+    """Frozen sentence-encoder features (normalized) of texts, cached by text hash."""
+    from cgrs_ros.engine.config import TextEncoderConfig
+    from cgrs_ros.engine.encoders import load_text_encoder, text_encoder_identity
+
+    cfg = TextEncoderConfig(model=text_model, device=device)
+    identity = text_encoder_identity(cfg)
+    store = EmbeddingStore.for_encoder(cache_root, 'text', identity)
+    keys = [sha256_text(t) for t in texts]
+    found_keys, found = store.lookup(set(keys))
+    vector_of = dict(zip(found_keys, found))
+    todo = list(dict.fromkeys(k for k in keys if k not in vector_of))
+    if todo:
+        encoder = load_text_encoder(cfg)
+        text_of = dict(zip(keys, texts))
+        for start in range(0, len(todo), 4096):
+            chunk = todo[start:start + 4096]
+            vectors = encoder.encode_texts([text_of[k] for k in chunk])
+            store.add(chunk, vectors)
+            vector_of.update(zip(chunk, vectors))
+            if progress:
+                progress(min(start + 4096, len(todo)))
+    return np.stack([vector_of[k] for k in keys]).astype(np.float32), identity
+
+
+class HeadsBackend:
+    """Frozen offline towers, trained projection heads (see the module docstring)."""
+
+    def __init__(self, cfg, platforms, cache_root, progress=None):
+        model = cfg.model
+        self.cfg = cfg
+        self.cache_root = Path(cache_root)
+        self.tower = Lite0Tower(model.image_size, cfg.train.device)
+        self._feature_cache = FeatureCache(self.cache_root / 'image', self.tower)
+        self._progress = progress
+        present = [p for p in ('satellite', 'drone', 'ground') if p in set(platforms)]
+        experts, expert_of = None, None
+        if model.experts:
+            if len(present) < 2:
+                raise ConfigError(
+                    f'model.experts needs images of at least two platforms, the training data '
+                    f'has only {", ".join(present)}; set model.experts: false')
+            experts = present
+            # A platform without training images is routed to the most common one's expert.
+            common = max(present, key=list(platforms).count)
+            expert_of = {p: (p if p in present else common)
+                         for p in ('satellite', 'drone', 'ground')}
+        self.text_identity = None
+        self.module = DualHeads(self.tower.dim, 384, model.dim, model.hidden, model.dropout,
+                                experts, expert_of, cfg.loss.temperature,
+                                cfg.loss.learn_temperature)
+        self._text_dim_checked = False
+
+    # ---- data
+    def set_data(self, image_paths, image_platforms, texts):
+        """Compute (or load cached) frozen features of the images and texts used."""
+        say = self._progress or (lambda *a: None)
+        say(f'image features: {len(image_paths)} images ({self.tower.identity})')
+        self.image_feats = torch.from_numpy(self._feature_cache.features(
+            image_paths, self.cfg.train.feature_batch, progress=None))
+        self.image_experts = torch.tensor(
+            [self.module.expert_index(p) for p in image_platforms], dtype=torch.int64)
+        say(f'text features: {len(texts)} texts ({self.cfg.model.text_model})')
+        feats, self.text_identity = text_features(texts, self.cfg.model.text_model,
+                                                  self.cache_root, self.cfg.train.device)
+        if feats.shape[1] != self.module.shape['text_dim']:
+            self._rebuild_text_dim(feats.shape[1])
+        self.text_feats = torch.from_numpy(feats)
+
+    def _rebuild_text_dim(self, dim):
+        model, loss = self.cfg.model, self.cfg.loss
+        m = self.module
+        self.module = DualHeads(self.tower.dim, dim, model.dim, model.hidden, model.dropout,
+                                None if m.experts == ('shared',) else m.experts, m.expert_of,
+                                loss.temperature, loss.learn_temperature)
+
+    def encode_extra(self, image_paths, image_platforms, texts):
+        """Frozen features of another set (validation); returns (image feats, experts, texts)."""
+        feats = torch.from_numpy(self._feature_cache.features(
+            image_paths, self.cfg.train.feature_batch))
+        experts = torch.tensor([self.module.expert_index(p) for p in image_platforms],
+                               dtype=torch.int64)
+        text, _ = text_features(texts, self.cfg.model.text_model, self.cache_root,
+                                self.cfg.train.device)
+        return feats, experts, torch.from_numpy(text)
+
+    # ---- forward
+    def images(self, index, feats=None, experts=None):
+        """Normalized embeddings (n, dim) of training images ``index`` (or given features)."""
+        feats = self.image_feats[index] if feats is None else feats
+        experts = self.image_experts[index] if experts is None else experts
+        return self.module.images(feats, experts)
+
+    def texts(self, index, feats=None):
+        """Normalized embeddings (E, n, dim) of training texts ``index`` (or given features)."""
+        return self.module.texts(self.text_feats[index] if feats is None else feats)
+
+    def expert_ids(self, index):
+        return self.image_experts[index]
+
+    @property
+    def logit_scale(self):
+        return self.module.logit_scale
+
+    def export(self, out_dir, extra=None):
+        """Write the model folder the engine's ``learned`` backend loads."""
+        towers = {'image': {'name': 'efficientnet_lite0', 'identity': self.tower.identity,
+                            'image_size': self.tower.image_size},
+                  'text': {'model': self.cfg.model.text_model, 'identity': self.text_identity}}
+        save_model_folder(out_dir, self.module, towers, extra)
+
+
+class OpenClipBackend:
+    """Fine-tune an open_clip model end to end, with LiT-style locks."""
+
+    def __init__(self, cfg, platforms, cache_root, progress=None):
+        from cgrs_ros.engine.encoders import _open_clip_parts
+        ensure_torchvision()
+        import open_clip
+        model = cfg.model
+        if model.experts:
+            raise ConfigError('model.experts is only available with model.backend: '
+                              'lite0_minilm; set model.experts: false for open_clip')
+        self.cfg = cfg
+        self._progress = progress
+        schema, target = _open_clip_parts(model.name, model.pretrained)
+        if schema == 'random':
+            raise ConfigError(
+                f'model.pretrained is empty for open_clip model {model.name!r}; fine-tuning '
+                'random weights is not what you want: set a checkpoint file, a pretrained tag '
+                "or model.name: 'local-dir:DIR'")
+        try:
+            created = open_clip.create_model_and_transforms(
+                model.name, pretrained=target if schema in ('tag', 'file') else None,
+                device=cfg.train.device)
+        except Exception as exc:  # hub, checkpoint and architecture errors come as many types
+            raise ModelLoadError(f'open_clip model {model.name} (pretrained {model.pretrained}) '
+                                 f'could not be loaded ({exc}); check the path or tag') from None
+        self.module, self._preprocess = created[0], created[2]
+        self._tokenizer = open_clip.get_tokenizer(model.name)
+        self._source = (schema, target)
+        if model.lock_image:
+            self.module.lock_image_tower(unlocked_groups=model.unlocked_image_groups,
+                                         freeze_bn_stats=True)
+        if model.lock_text:
+            self.module.lock_text_tower(unlocked_layers=model.unlocked_text_layers)
+        self.image_experts = None
+
+    def set_data(self, image_paths, image_platforms, texts):
+        self.image_paths = list(image_paths)
+        self.all_texts = list(texts)
+        self.image_experts = torch.zeros(len(image_paths), dtype=torch.int64)
+
+    def _pixels(self, paths):
+        out = []
+        for path in paths:
+            with Image.open(path) as image:
+                out.append(self._preprocess(image.convert('RGB')))
+        return torch.stack(out).to(self.cfg.train.device)
+
+    def encode_extra(self, image_paths, image_platforms, texts):
+        return (list(image_paths), torch.zeros(len(image_paths), dtype=torch.int64),
+                list(texts))
+
+    def images(self, index, feats=None, experts=None):
+        paths = feats if feats is not None else [self.image_paths[i] for i in index.tolist()]
+        out = []
+        for start in range(0, len(paths), 64):
+            out.append(self.module.encode_image(self._pixels(paths[start:start + 64]),
+                                                normalize=True))
+        return torch.cat(out)
+
+    def texts(self, index, feats=None):
+        texts = feats if feats is not None else [self.all_texts[i] for i in index.tolist()]
+        out = []
+        for start in range(0, len(texts), 256):
+            tokens = self._tokenizer(texts[start:start + 256]).to(self.cfg.train.device)
+            out.append(self.module.encode_text(tokens, normalize=True))
+        return torch.cat(out)[None]
+
+    def expert_ids(self, index):
+        return torch.zeros(len(index), dtype=torch.int64)
+
+    @property
+    def logit_scale(self):
+        return self.module.logit_scale
+
+    def export(self, out_dir, extra=None):
+        """Write an open_clip folder (open_clip_config.json + safetensors) plus cgrs_model.json."""
+        import open_clip
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        schema, target = self._source
+        if schema == 'local-dir':
+            config = json.loads((Path(target) / 'open_clip_config.json').read_text())
+        else:
+            config = {'model_cfg': open_clip.get_model_config(self.cfg.model.name),
+                      'preprocess_cfg': {}}
+        atomic_write_json(out / 'open_clip_config.json', config)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+        with atomic_replace(out / 'open_clip_model.safetensors') as tmp:
+            save_file(state, tmp)
+        atomic_write_json(out / 'cgrs_train.json', dict(
+            {'backend': 'open_clip', 'source': self.cfg.model.name,
+             'pretrained': self.cfg.model.pretrained}, **(extra or {})))
+
+
+BACKENDS = {'lite0_minilm': HeadsBackend, 'open_clip': OpenClipBackend}
+
+
+def make_backend(cfg, platforms, cache_root, progress=None):
+    """Build the backend ``model.backend`` names."""
+    return BACKENDS[cfg.model.backend](cfg, platforms, cache_root, progress)
+
+
+def default_cache_root():
+    """Feature cache used when none is given: ``$XDG_CACHE_HOME/cgrs/train-features``."""
+    base = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+    return base / 'cgrs' / 'train-features'
