@@ -182,7 +182,7 @@ def test_saved_model_answers_queries_through_the_engine(trained, toy, tmp_path):
 def test_platform_experts_train_and_serve_per_platform_queries(toy, tmp_path):
     from cgrs_ros.engine.encoders import LearnedDualEncoder
 
-    cfg = load_train_config(None, dict(TINY, **{'train.epochs': 6, 'model.experts': True}))
+    cfg = load_train_config(None, dict(TINY, **{'train.epochs': 12, 'model.experts': True}))
     result = train_dual(load_training_pairs([toy['train']]), cfg, tmp_path / 'm',
                         [load_query_set(toy['val'])], cache_root=toy['cache'], progress=False)
     assert result.card['val']['val']['r1'] >= 80.0
@@ -226,8 +226,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(toy, tmp_path):
     config = tmp_path / 'train.yaml'
     settings = dict(TINY, **{'train.epochs': 40})
     config.write_text(json.dumps(_nest(settings)))
-    common = [toy['train'], '--config', config, '--cache', toy['cache'], '--quiet']
-    killed = _cgrs('train', 'dual', *common, '--out', tmp_path / 'killed')
+    common = [toy['train'], '--config', config, '--cache', toy['cache']]
+    killed = _cgrs('train', 'dual', *common, '--out', tmp_path / 'killed', '--quiet')
     last = tmp_path / 'killed' / 'checkpoints' / 'last.json'
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and killed.poll() is None:
@@ -244,7 +244,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(toy, tmp_path):
     assert resumed.returncode == 0, err
     assert f'resuming from the checkpoint of epoch {stopped_at}' in err
     card = json.loads(out)
-    whole = _cgrs('train', 'dual', *common, '--out', tmp_path / 'whole', '--json')
+    whole = _cgrs('train', 'dual', *common, '--out', tmp_path / 'whole', '--json', '--quiet')
     out_whole, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err
     full = json.loads(out_whole)

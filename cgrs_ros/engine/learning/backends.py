@@ -71,10 +71,12 @@ class HeadsBackend:
                     f'model.experts needs images of at least two platforms, the training data '
                     f'has only {", ".join(present)}; set model.experts: false')
             experts = present
-            # A platform without training images is routed to the most common one's expert.
-            common = max(present, key=list(platforms).count)
-            expert_of = {p: (p if p in present else common)
-                         for p in ('satellite', 'drone', 'ground')}
+            # A platform without training images goes to the expert of the nearest viewpoint
+            # that has them: ground <-> drone (oblique, close), then satellite.
+            nearest = {'satellite': ('drone', 'ground'), 'drone': ('ground', 'satellite'),
+                       'ground': ('drone', 'satellite')}
+            expert_of = {p: p if p in present else next(q for q in nearest[p] if q in present)
+                         for p in nearest}
         self.text_identity = None
         self.module = DualHeads(self.tower.dim, 384, model.dim, model.hidden, model.dropout,
                                 experts, expert_of, cfg.loss.temperature,

@@ -340,7 +340,7 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
         seconds = time.perf_counter() - t0
         entry = {'epoch': epoch, 'stage': stage, 'loss': round(float(np.mean(losses)), 6),
                  'seconds': round(seconds, 2), 'pairs_per_s': round(n_pairs / seconds, 1),
-                 'temperature': round(float(1.0 / backend.logit_scale.exp()), 5)}
+                 'temperature': round(float(1.0 / backend.logit_scale.detach().exp()), 5)}
         if val_sets:
             entry['val'] = {q.name: evaluate_query_set(backend, q) for q in val_sets}
             entry['val_r1'] = round(float(np.mean([v['r1'] for v in entry['val'].values()])), 2)
