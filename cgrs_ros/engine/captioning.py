@@ -26,7 +26,7 @@ from pathlib import Path
 import time
 
 from cgrs_ros.engine.captions import (caption_source_for, caption_store_path, CaptionRecord,
-                                      CaptionStore, MANIFEST_CAPTIONER)
+                                      CaptionStore, MANIFEST_CAPTIONER, NO_CAPTIONER)
 from cgrs_ros.engine.errors import CgrsError, ConfigError, GalleryError, ModelLoadError
 from cgrs_ros.engine.gallery import find_manifest, load_gallery, PLATFORMS
 from cgrs_ros.engine.storage import default_state_dir, FileHashCache
@@ -124,11 +124,13 @@ class CaptionSummary:
 
 
 def _check_backend(section):
-    if section.backend == MANIFEST_CAPTIONER:
+    if section.backend in (MANIFEST_CAPTIONER, NO_CAPTIONER):
+        what = ('captions come from the manifest descriptions and `cgrs index` stores them'
+                if section.backend == MANIFEST_CAPTIONER else 'the caption channel is off')
         raise ConfigError(
-            'captioner.backend is manifest: captions come from the manifest descriptions and '
-            '`cgrs index` stores them; to caption images with a VLM set captioner.backend to '
-            'transformers or openai in the engine config (see config/engine.yaml)')
+            f'captioner.backend is {section.backend}: {what}; to caption images with a VLM set '
+            'captioner.backend to transformers or openai in the engine config (see '
+            'config/engine.yaml)')
 
 
 def describe_captioner(section):

@@ -26,6 +26,9 @@ from cgrs_ros.engine.storage import connect_sqlite
 
 MANIFEST_CAPTIONER = 'manifest'
 MANIFEST_PROMPT_VERSION = 'descriptions-v1'
+# captioner.backend: none. No captioner writes rows under this name, so its source selects no
+# caption at all: the caption channel stays off and manifest descriptions are ignored.
+NO_CAPTIONER = 'none'
 STATUSES = ('ok', 'failed')
 
 _SCHEMA = """
@@ -72,6 +75,8 @@ def caption_source_for(captioner_config):
     if captioner_config.backend == MANIFEST_CAPTIONER:
         return CaptionSource(MANIFEST_CAPTIONER,
                              captioner_config.prompt_version or MANIFEST_PROMPT_VERSION)
+    if captioner_config.backend == NO_CAPTIONER:
+        return CaptionSource(NO_CAPTIONER, None)
     return CaptionSource(None, None)
 
 

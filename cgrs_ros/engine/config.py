@@ -16,7 +16,7 @@ import yaml
 
 DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
 # Captioner backends the engine knows; the VLM backends live in captioners.py.
-CAPTIONER_BACKENDS = ('manifest', 'transformers', 'openai')
+CAPTIONER_BACKENDS = ('manifest', 'transformers', 'openai', 'none')
 
 
 class _Section(BaseModel):
@@ -58,7 +58,8 @@ class TextEncoderConfig(_Section):
 
 
 class CaptionerConfig(BaseModel):
-    """Where captions come from: ``manifest`` descriptions or a VLM backend (captioners.py).
+    """Where captions come from: ``manifest`` descriptions, a VLM backend (captioners.py), or
+    ``none`` (no caption channel; manifest descriptions are ignored: retrieval from pixels).
 
     Backend-specific keys (model, endpoint, ...) are accepted here and validated by the
     backend itself.
@@ -178,8 +179,14 @@ def load_config(path=None, overrides=None):
     if overrides:
         data = _merge(data, dict(overrides))
     try:
-        return EngineConfig.model_validate(data)
+        config = EngineConfig.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, source) from None
     except ConfigError as exc:  # from a captioner backend's own validation
         raise ConfigError(f'{source}: {exc}') from None
+    image = config.image_encoder
+    if path is not None and image.backend == 'learned' and not Path(image.model).expanduser(
+            ).is_absolute():
+        # A model folder shipped next to its config (the demo's) is found from any directory.
+        image.model = str((Path(path).resolve().parent / image.model).resolve())
+    return config

@@ -139,11 +139,11 @@ class CaptioningNode(Node):
     def _load_config(self):
         from cgrs_ros.engine.config import load_config
         config = load_config(self.params['config'] or None)
-        if config.captioner.backend == 'manifest':
+        if config.captioner.backend in ('manifest', 'none'):
             raise CgrsError(
-                'captioner.backend is manifest in '
+                f'captioner.backend is {config.captioner.backend} in '
                 f'{self.params["config"] or "the built-in defaults"}: the manifest descriptions '
-                'are the captions and there is nothing to caption; set the config parameter to '
+                'are the captions (or captions are off) and there is nothing to caption; set the config parameter to '
                 'an engine YAML whose captioner backend is transformers or openai')
         return config
 

@@ -33,7 +33,7 @@ class CaptionerSettings(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra='forbid')
 
-    backend: Literal['transformers', 'openai', 'manifest'] = 'manifest'
+    backend: Literal['transformers', 'openai', 'manifest', 'none'] = 'manifest'
     model: Optional[str] = pydantic.Field(
         None, description='Hugging Face model id or local directory (transformers), or the '
                           'model name the endpoint serves (openai).')

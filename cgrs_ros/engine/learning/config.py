@@ -76,7 +76,7 @@ class TrainSection(_Section):
     # images of one place per batch (texts are drawn for each), so a batch has positives
     images_per_place: int = Field(2, ge=1, le=64)
     # full: each description as written; clauses: also each of its clauses (data.py)
-    text_views: Literal['full', 'clauses'] = 'clauses'
+    text_views: Literal['full', 'clauses'] = 'full'
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     seed: int = 0
