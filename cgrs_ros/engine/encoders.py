@@ -466,6 +466,7 @@ class LearnedDualEncoder(ImageTextEncoder):
                 f'version computes {self._tower.identity}; retrain it with `cgrs train dual`')
         self._text = load_text_encoder(TextEncoderConfig(model=towers['text']['model'],
                                                          device=device))
+        self._max_tokens = int(towers['text'].get('max_tokens', 64))
         self.platform_experts = len(self._heads.experts) > 1
         self._device = device
         self.batch_size = batch_size
@@ -482,9 +483,14 @@ class LearnedDualEncoder(ImageTextEncoder):
     def _project_texts(self, texts):
         """(E, n, dim) raw projections; runs inside _forward, whose thread count applies."""
         torch = self._torch
-        features = torch.from_numpy(self._text.encode_texts(texts))
+        if self._heads.pool is not None:
+            tokens, mask = self._text.encode_tokens(texts, self._max_tokens)
+            features = (torch.from_numpy(tokens).to(self._device),
+                        torch.from_numpy(mask).to(self._device))
+        else:
+            features = torch.from_numpy(self._text.encode_texts(texts)).to(self._device)
         with torch.inference_mode():
-            return self._heads.texts(features.to(self._device)).cpu().numpy()
+            return self._heads.texts(features).cpu().numpy()
 
     def _encode_texts(self, texts):
         # Without a platform: the first expert (the only one of a shared-head model).
@@ -559,6 +565,24 @@ class SentenceTransformerEncoder(TextEncoder):
     def _encode_texts(self, texts):
         return self._model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
                                   show_progress_bar=False)
+
+    def encode_tokens(self, texts, max_tokens=64, threads=None):
+        """Return (tokens (n, L, dim) float32, mask (n, L) bool): the contextual word-piece
+        embeddings the sentence embedding is pooled from, padded to the longest text (at most
+        ``max_tokens``; longer texts are cut)."""
+        with self._forward(threads):
+            per_text = self._model.encode(list(texts), batch_size=self.batch_size,
+                                          output_value='token_embeddings',
+                                          show_progress_bar=False)
+            self.texts_encoded += len(texts)
+        length = max([1] + [min(len(t), max_tokens) for t in per_text])
+        tokens = np.zeros((len(per_text), length, self.dim), dtype=np.float32)
+        mask = np.zeros((len(per_text), length), dtype=bool)
+        for i, t in enumerate(per_text):
+            t = t[:length].float().cpu().numpy()
+            tokens[i, :len(t)] = t
+            mask[i, :len(t)] = True
+        return tokens, mask
 
 
 # ----------------------------------------------------------------------------- factories

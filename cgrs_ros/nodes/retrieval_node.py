@@ -394,6 +394,8 @@ class RetrievalNode(Node):
             stats = self._retriever.stats()
             values.update({k: str(v) for k, v in stats.items()})
             coverage = float(stats.get('caption_coverage') or 0.0)
+            if self._retriever.config.captioner.backend == 'none':
+                coverage = 1.0  # captions are off by configuration: nothing is missing
             status.level = DiagnosticStatus.OK if coverage >= 1.0 else DiagnosticStatus.WARN
             status.message = ('ready' if coverage >= 1.0
                               else f'ready; captions cover {coverage:.0%} of the gallery')

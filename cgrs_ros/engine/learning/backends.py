@@ -62,59 +62,75 @@ class HeadsBackend:
         self.cache_root = Path(cache_root)
         self.tower = Lite0Tower(model.image_size, cfg.train.device)
         self._feature_cache = FeatureCache(self.cache_root / 'image', self.tower)
-        self._progress = progress
+        self._say = progress or (lambda *a: None)
         present = [p for p in ('satellite', 'drone', 'ground') if p in set(platforms)]
-        experts, expert_of = None, None
+        self._experts, self._expert_of = None, None
         if model.experts:
             if len(present) < 2:
                 raise ConfigError(
                     f'model.experts needs images of at least two platforms, the training data '
                     f'has only {", ".join(present)}; set model.experts: false')
-            experts = present
+            self._experts = present
             # A platform without training images goes to the expert of the nearest viewpoint
             # that has them: ground <-> drone (oblique, close), then satellite.
             nearest = {'satellite': ('drone', 'ground'), 'drone': ('ground', 'satellite'),
                        'ground': ('drone', 'satellite')}
-            expert_of = {p: p if p in present else next(q for q in nearest[p] if q in present)
-                         for p in nearest}
+            self._expert_of = {p: p if p in present else next(q for q in nearest[p]
+                                                               if q in present)
+                               for p in nearest}
         self.text_identity = None
-        self.module = DualHeads(self.tower.dim, 384, model.dim, model.hidden, model.dropout,
-                                experts, expert_of, cfg.loss.temperature,
-                                cfg.loss.learn_temperature)
-        self._text_dim_checked = False
+        self.module = None
 
     # ---- data
+    def _text_inputs(self, texts):
+        """Frozen text features: sentence embeddings, or (word pieces, mask) for attention."""
+        from cgrs_ros.engine.config import TextEncoderConfig
+        from cgrs_ros.engine.encoders import load_text_encoder
+
+        model = self.cfg.model
+        if model.text_pooling == 'mean':
+            feats, self.text_identity = text_features(texts, model.text_model, self.cache_root,
+                                                      self.cfg.train.device)
+            return torch.from_numpy(feats), feats.shape[1]
+        encoder = load_text_encoder(TextEncoderConfig(model=model.text_model,
+                                                      device=self.cfg.train.device))
+        self.text_identity = encoder.identity
+        chunks = [encoder.encode_tokens(texts[s:s + 512], model.max_tokens)
+                  for s in range(0, len(texts), 512)]
+        length = max(c[0].shape[1] for c in chunks)
+        tokens = torch.zeros(len(texts), length, encoder.dim, dtype=torch.float16)
+        mask = torch.zeros(len(texts), length, dtype=torch.bool)
+        row = 0
+        for tok, msk in chunks:
+            tokens[row:row + len(tok), :tok.shape[1]] = torch.from_numpy(tok)
+            mask[row:row + len(tok), :tok.shape[1]] = torch.from_numpy(msk)
+            row += len(tok)
+        return (tokens, mask), encoder.dim
+
     def set_data(self, image_paths, image_platforms, texts):
         """Compute (or load cached) frozen features of the images and texts used."""
-        say = self._progress or (lambda *a: None)
-        say(f'image features: {len(image_paths)} images ({self.tower.identity})')
+        self._say(f'image features: {len(image_paths)} images ({self.tower.identity})')
         self.image_feats = torch.from_numpy(self._feature_cache.features(
-            image_paths, self.cfg.train.feature_batch, progress=None))
-        self.image_experts = torch.tensor(
-            [self.module.expert_index(p) for p in image_platforms], dtype=torch.int64)
-        say(f'text features: {len(texts)} texts ({self.cfg.model.text_model})')
-        feats, self.text_identity = text_features(texts, self.cfg.model.text_model,
-                                                  self.cache_root, self.cfg.train.device)
-        if feats.shape[1] != self.module.shape['text_dim']:
-            self._rebuild_text_dim(feats.shape[1])
-        self.text_feats = torch.from_numpy(feats)
-
-    def _rebuild_text_dim(self, dim):
+            image_paths, self.cfg.train.feature_batch))
+        self._say(f'text features: {len(texts)} texts ({self.cfg.model.text_model}, '
+                  f'{self.cfg.model.text_pooling} pooling)')
+        self.text_feats, text_dim = self._text_inputs(list(texts))
         model, loss = self.cfg.model, self.cfg.loss
-        m = self.module
-        self.module = DualHeads(self.tower.dim, dim, model.dim, model.hidden, model.dropout,
-                                None if m.experts == ('shared',) else m.experts, m.expert_of,
-                                loss.temperature, loss.learn_temperature)
+        self.module = DualHeads(self.tower.dim, text_dim, model.dim, model.hidden,
+                                model.dropout, self._experts, self._expert_of,
+                                loss.temperature, loss.learn_temperature, model.text_pooling)
+        self.image_experts = self._expert_ids(image_platforms)
+
+    def _expert_ids(self, platforms):
+        return torch.tensor([self.module.expert_index(p) for p in platforms],
+                            dtype=torch.int64)
 
     def encode_extra(self, image_paths, image_platforms, texts):
         """Frozen features of another set (validation); returns (image feats, experts, texts)."""
         feats = torch.from_numpy(self._feature_cache.features(
             image_paths, self.cfg.train.feature_batch))
-        experts = torch.tensor([self.module.expert_index(p) for p in image_platforms],
-                               dtype=torch.int64)
-        text, _ = text_features(texts, self.cfg.model.text_model, self.cache_root,
-                                self.cfg.train.device)
-        return feats, experts, torch.from_numpy(text)
+        text, _ = self._text_inputs(list(texts))
+        return feats, self._expert_ids(image_platforms), text
 
     # ---- forward
     def images(self, index, feats=None, experts=None):
@@ -125,7 +141,17 @@ class HeadsBackend:
 
     def texts(self, index, feats=None):
         """Normalized embeddings (E, n, dim) of training texts ``index`` (or given features)."""
-        return self.module.texts(self.text_feats[index] if feats is None else feats)
+        feats = feats if feats is not None else (
+            (self.text_feats[0][index], self.text_feats[1][index])
+            if isinstance(self.text_feats, tuple) else self.text_feats[index])
+        if isinstance(feats, tuple):
+            tokens, mask = feats
+            return self.module.texts((tokens.float(), mask))
+        noise = self.cfg.model.text_noise
+        if noise and self.module.training:
+            feats = torch.nn.functional.normalize(feats + noise * torch.randn_like(feats),
+                                                  dim=-1)
+        return self.module.texts(feats)
 
     def expert_ids(self, index):
         return self.image_experts[index]
@@ -138,7 +164,9 @@ class HeadsBackend:
         """Write the model folder the engine's ``learned`` backend loads."""
         towers = {'image': {'name': 'efficientnet_lite0', 'identity': self.tower.identity,
                             'image_size': self.tower.image_size},
-                  'text': {'model': self.cfg.model.text_model, 'identity': self.text_identity}}
+                  'text': {'model': self.cfg.model.text_model, 'identity': self.text_identity,
+                           'pooling': self.cfg.model.text_pooling,
+                           'max_tokens': self.cfg.model.max_tokens}}
         save_model_folder(out_dir, self.module, towers, extra)
 
 
@@ -179,6 +207,7 @@ class OpenClipBackend:
         self.image_experts = None
 
     def set_data(self, image_paths, image_platforms, texts):
+        """Remember the files and texts; open_clip reads them batch by batch."""
         self.image_paths = list(image_paths)
         self.all_texts = list(texts)
         self.image_experts = torch.zeros(len(image_paths), dtype=torch.int64)

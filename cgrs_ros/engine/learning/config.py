@@ -27,6 +27,13 @@ class ModelSection(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     image_size: int = Field(256, ge=64, le=1024)
     text_model: str = 'all-MiniLM-L6-v2'
+    # mean: the sentence embedding; attention: a learned attention pooling over the sentence
+    # encoder's word pieces (at most max_tokens), beside their mean (heads.TokenPool).
+    text_pooling: Literal['mean', 'attention'] = 'mean'
+    max_tokens: int = Field(64, ge=4, le=512)
+    # Gaussian noise (std) added to the frozen, normalized text features while training, so
+    # the text head does not fit the exact sentences of the training register.
+    text_noise: float = Field(0.0, ge=0.0, le=1.0)
     # Platform experts (TeleAI PE-MoE): one head pair per platform seen in training.
     experts: bool = False
     # open_clip: an architecture (ViT-B-32) + pretrained (tag or file), or 'local-dir:DIR'.

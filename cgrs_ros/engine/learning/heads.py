@@ -34,7 +34,7 @@ class Head(nn.Module):
 
     def __init__(self, in_dim, dim, hidden=0, dropout=0.0):
         super().__init__()
-        layers = [nn.Dropout(dropout)] if dropout else []
+        layers = [nn.Dropout(dropout)]  # always present: saved layer indices never shift
         if hidden:
             layers += [nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, dim)]
         else:
@@ -45,21 +45,49 @@ class Head(nn.Module):
         return self.net(x)
 
 
+class TokenPool(nn.Module):
+    """Attention pooling over frozen word-piece embeddings, beside their plain mean.
+
+    A sentence encoder's mean pooling weighs "take me to the" as much as "slate-gray"; the
+    learned attention lets the words that describe a place count, whatever sentence they are
+    said in. Output: [attention-pooled, mean-pooled] (2 x token dim).
+    """
+
+    def __init__(self, dim, hidden=128):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, tokens, mask):
+        logits = self.score(tokens).squeeze(-1).masked_fill(~mask, float('-inf'))
+        weights = torch.softmax(logits, dim=-1).unsqueeze(-1)
+        counts = mask.sum(dim=1, keepdim=True).clamp_min(1)
+        mean = (tokens * mask.unsqueeze(-1)).sum(dim=1) / counts
+        return torch.cat([(weights * tokens).sum(dim=1), mean], dim=-1)
+
+
 class DualHeads(nn.Module):
-    """Image and text heads (one pair per expert) plus a learnable temperature."""
+    """Image and text heads (one pair per expert) plus a learnable temperature.
+
+    ``text_pooling`` is ``mean`` (the text input is the sentence embedding) or ``attention``
+    (the input is word-piece embeddings and a mask, pooled by a shared :class:`TokenPool`).
+    """
 
     def __init__(self, image_dim, text_dim, dim=256, hidden=0, dropout=0.0, experts=None,
-                 expert_of=None, temperature=0.07, learn_temperature=True):
+                 expert_of=None, temperature=0.07, learn_temperature=True,
+                 text_pooling='mean'):
         super().__init__()
         self.experts = tuple(experts) if experts else (SHARED,)
         # platform -> expert name; platforms not listed go to the first expert.
         self.expert_of = dict(expert_of or {})
         self.shape = {'image_dim': int(image_dim), 'text_dim': int(text_dim), 'dim': int(dim),
-                      'hidden': int(hidden), 'dropout': float(dropout)}
+                      'hidden': int(hidden), 'dropout': float(dropout),
+                      'text_pooling': text_pooling}
+        self.pool = TokenPool(text_dim) if text_pooling == 'attention' else None
+        text_in = 2 * text_dim if self.pool is not None else text_dim
         self.image_heads = nn.ModuleDict(
             {name: Head(image_dim, dim, hidden, dropout) for name in self.experts})
         self.text_heads = nn.ModuleDict(
-            {name: Head(text_dim, dim, hidden, dropout) for name in self.experts})
+            {name: Head(text_in, dim, hidden, dropout) for name in self.experts})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)),
                                         requires_grad=learn_temperature)
 
@@ -79,7 +107,13 @@ class DualHeads(nn.Module):
         return nn.functional.normalize(out, dim=-1)
 
     def texts(self, features):
-        """Project text features (n, text_dim) by every expert -> normalized (E, n, dim)."""
+        """Project text features by every expert -> normalized (E, n, dim).
+
+        ``features``: sentence embeddings (n, text_dim), or with attention pooling a tuple
+        (word-piece embeddings (n, L, text_dim), mask (n, L)).
+        """
+        if self.pool is not None:
+            features = self.pool(*features)
         return nn.functional.normalize(
             torch.stack([self.text_heads[name](features) for name in self.experts]), dim=-1)
 
@@ -137,26 +171,13 @@ def load_heads(folder):
     config = read_model_config(folder)
     shape = config['heads']
     heads = DualHeads(shape['image_dim'], shape['text_dim'], shape['dim'], shape['hidden'],
-                      0.0, shape['experts'], shape.get('expert_of'))
+                      0.0, shape['experts'], shape.get('expert_of'),
+                      text_pooling=shape.get('text_pooling', 'mean'))
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
-        # A head saved with dropout has its Linear layers one index later in the Sequential.
-        heads.load_state_dict(_strip_dropout(state, shape.get('dropout', 0.0)))
+        heads.load_state_dict(state)
     except Exception as exc:  # safetensors/torch raise several types on a bad file
         raise ModelLoadError(f'{folder / WEIGHTS_FILE} does not hold the heads its '
                              f'{MODEL_FILE} describes ({exc}); retrain the model') from None
     return heads.eval(), config
 
-
-def _strip_dropout(state, dropout):
-    """Renumber Sequential indices of a dropout-trained head for the dropout-free one."""
-    if not dropout:
-        return state
-    out = {}
-    for key, value in state.items():
-        parts = key.split('.')
-        if 'net' in parts:
-            i = parts.index('net') + 1
-            parts[i] = str(int(parts[i]) - 1)
-        out['.'.join(parts)] = value
-    return out
