@@ -58,9 +58,11 @@ def test_colcon_build_and_use_install_space(tmp_path):
     for rel in ('lib/cgrs_ros/retrieval_node', 'lib/cgrs_ros/captioning_node',
                 'lib/cgrs_ros/cgrs', 'share/cgrs_ros/package.xml'):
         assert (install / rel).is_file(), f'{rel} missing from the install space'
-    for rel in ('launch', 'config'):
+    for rel in ('launch', 'config', 'models'):
         if (ROOT / rel).is_dir() and any((ROOT / rel).iterdir()):
             assert (install / 'share/cgrs_ros' / rel).is_dir(), f'share/cgrs_ros/{rel} missing'
+    # The demo config names its learned model relative to itself: both are in share/.
+    assert (install / 'share/cgrs_ros/models/demo_dual/cgrs_model.json').is_file()
 
     # Use the install space as a user does (source its setup script), from another folder.
     script = f'. "{tmp_path}/install/setup.sh" && exec "{sys.executable}" -c "$CHECK"'

@@ -54,6 +54,9 @@ def test_demo_flies_every_goal_and_stops_the_stack(demo_run):
     assert text.count('drone arrived after') == 2, text
     assert '==> stack stopped (exit 0)' in text
     assert re.search(r'2 goals flown, [0-2] to the intended place', text), text
+    # make run / make demo use the learned coarse stage: the node's diagnostics name it.
+    model = (ROOT / 'models' / 'demo_dual').resolve()
+    assert f'==> coarse stage (retrieval_node diagnostics): learned:{model}@' in text, text
     # The params file carries the world's datum to both nodes (one map frame for both).
     params = (demo_run['out'] / 'demo_params.yaml').read_text()
     datum = json.loads((demo_run['world'] / 'world.json').read_text())['datum']

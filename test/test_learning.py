@@ -196,6 +196,21 @@ def test_platform_experts_train_and_serve_per_platform_queries(toy, tmp_path):
         encoder.encode_images([Image.new('RGB', (64, 64))])
 
 
+def test_attention_pooling_over_word_pieces_trains_and_serves(toy, tmp_path):
+    from cgrs_ros.engine.encoders import LearnedDualEncoder
+
+    cfg = load_train_config(None, dict(TINY, **{'train.epochs': 8,
+                                                'model.text_pooling': 'attention'}))
+    result = train_dual(load_training_pairs([toy['train']]), cfg, tmp_path / 'm',
+                        [load_query_set(toy['val'])], cache_root=toy['cache'], progress=False)
+    assert result.card['val']['val']['r1'] >= 90.0
+    encoder = LearnedDualEncoder(str(tmp_path / 'm'))
+    red, blue = (Image.new('RGB', (64, 64), COLOURS[c]) for c in ('red', 'blue'))
+    images = encoder.encode_images([red, blue])
+    query = encoder.encode_texts(['please fly to the red place'])
+    assert (query @ images.T)[0, 0] > (query @ images.T)[0, 1]
+
+
 def test_hard_negative_stage_and_soft_labels_run(toy, tmp_path):
     cfg = load_train_config(None, dict(TINY, **{
         'train.epochs': 3, 'loss.hard_negatives.enabled': True,

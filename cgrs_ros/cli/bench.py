@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 from cgrs_ros.cli.arguments import positive_int
+from cgrs_ros.engine.errors import CgrsError
 
 
 def _format_query(r):
@@ -40,6 +41,9 @@ def run(args):
         work = tempfile.mkdtemp(prefix='cgrs-bench-')
         try:
             model = args.image_model
+            if model.startswith('learned:'):
+                raise CgrsError('--index-images times open_clip indexing; leave it out with '
+                                '--image-model learned:DIR')
             if model.startswith('local-dir:'):
                 model_dir = model[len('local-dir:'):]
             else:
@@ -78,8 +82,9 @@ def register(subparsers):
                         metavar='N', help='gallery sizes (default: 100000)')
     parser.add_argument('--queries', type=int, default=50, help='timed queries per size')
     parser.add_argument('--image-model', default='ViT-B-32',
-                        help="open_clip architecture (random weights), 'local-dir:PATH', or "
-                             "'none' for caption-only (default: ViT-B-32)")
+                        help="open_clip architecture (random weights), 'local-dir:PATH', "
+                             "'learned:DIR' (a `cgrs train dual` folder), or 'none' for "
+                             'caption-only (default: ViT-B-32)')
     parser.add_argument('--text-model', default='all-MiniLM-L6-v2')
     parser.add_argument('--threads', type=int, default=0,
                         help='torch CPU threads for indexing (0: torch default)')

@@ -99,7 +99,10 @@ def synthetic_gallery(n, seed=0):
 def load_bench_encoders(image_model='ViT-B-32', text_model='all-MiniLM-L6-v2', threads=0):
     """Image encoder (real-size random weights for an architecture name) and text encoder."""
     image = None
-    if image_model != 'none':
+    if image_model.startswith('learned:'):
+        from cgrs_ros.engine.encoders import LearnedDualEncoder
+        image = LearnedDualEncoder(image_model[len('learned:'):], threads=threads)
+    elif image_model != 'none':
         if image_model.startswith(('local-dir:', 'hf-hub:')):
             image = OpenClipEncoder(image_model, threads=threads)
         else:

@@ -58,8 +58,10 @@ class TextEncoderConfig(_Section):
 
 
 class CaptionerConfig(BaseModel):
-    """Where captions come from: ``manifest`` descriptions, a VLM backend (captioners.py), or
-    ``none`` (no caption channel; manifest descriptions are ignored: retrieval from pixels).
+    """Where captions come from: manifest descriptions, a VLM, or nowhere.
+
+    ``manifest``: the description column; ``transformers`` / ``openai``: a VLM backend
+    (captioners.py); ``none``: no caption channel, manifest descriptions ignored (pixels only).
 
     Backend-specific keys (model, endpoint, ...) are accepted here and validated by the
     backend itself.

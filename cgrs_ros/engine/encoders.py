@@ -567,9 +567,11 @@ class SentenceTransformerEncoder(TextEncoder):
                                   show_progress_bar=False)
 
     def encode_tokens(self, texts, max_tokens=64, threads=None):
-        """Return (tokens (n, L, dim) float32, mask (n, L) bool): the contextual word-piece
-        embeddings the sentence embedding is pooled from, padded to the longest text (at most
-        ``max_tokens``; longer texts are cut)."""
+        """Return the word-piece embeddings of texts: (tokens (n, L, dim), mask (n, L)).
+
+        These are the contextual embeddings the sentence embedding is pooled from, padded to
+        the longest text (at most ``max_tokens``; longer texts are cut).
+        """
         with self._forward(threads):
             per_text = self._model.encode(list(texts), batch_size=self.batch_size,
                                           output_value='token_embeddings',

@@ -143,7 +143,8 @@ class CaptioningNode(Node):
             raise CgrsError(
                 f'captioner.backend is {config.captioner.backend} in '
                 f'{self.params["config"] or "the built-in defaults"}: the manifest descriptions '
-                'are the captions (or captions are off) and there is nothing to caption; set the config parameter to '
+                'are the captions (or captions are off) and there is nothing to caption; set '
+                'the config parameter to '
                 'an engine YAML whose captioner backend is transformers or openai')
         return config
 

@@ -75,9 +75,9 @@ class HeadsBackend:
             # that has them: ground <-> drone (oblique, close), then satellite.
             nearest = {'satellite': ('drone', 'ground'), 'drone': ('ground', 'satellite'),
                        'ground': ('drone', 'satellite')}
-            self._expert_of = {p: p if p in present else next(q for q in nearest[p]
-                                                               if q in present)
-                               for p in nearest}
+            self._expert_of = {
+                p: p if p in present else next(q for q in nearest[p] if q in present)
+                for p in nearest}
         self.text_identity = None
         self.module = None
 
@@ -119,28 +119,36 @@ class HeadsBackend:
         self.module = DualHeads(self.tower.dim, text_dim, model.dim, model.hidden,
                                 model.dropout, self._experts, self._expert_of,
                                 loss.temperature, loss.learn_temperature, model.text_pooling)
+        # Features live on the training device with the heads (they fit: ~10 kB per image).
+        device = self.cfg.train.device
+        self.module.to(device)
+        self.image_feats = self.image_feats.to(device)
+        self.text_feats = (tuple(t.to(device) for t in self.text_feats)
+                           if isinstance(self.text_feats, tuple) else self.text_feats.to(device))
         self.image_experts = self._expert_ids(image_platforms)
 
     def _expert_ids(self, platforms):
         return torch.tensor([self.module.expert_index(p) for p in platforms],
-                            dtype=torch.int64)
+                            dtype=torch.int64, device=self.cfg.train.device)
 
     def encode_extra(self, image_paths, image_platforms, texts):
         """Frozen features of another set (validation); returns (image feats, experts, texts)."""
+        device = self.cfg.train.device
         feats = torch.from_numpy(self._feature_cache.features(
-            image_paths, self.cfg.train.feature_batch))
+            image_paths, self.cfg.train.feature_batch)).to(device)
         text, _ = self._text_inputs(list(texts))
+        text = tuple(t.to(device) for t in text) if isinstance(text, tuple) else text.to(device)
         return feats, self._expert_ids(image_platforms), text
 
     # ---- forward
     def images(self, index, feats=None, experts=None):
-        """Normalized embeddings (n, dim) of training images ``index`` (or given features)."""
+        """Return normalized embeddings (n, dim) of images ``index`` (or of given features)."""
         feats = self.image_feats[index] if feats is None else feats
         experts = self.image_experts[index] if experts is None else experts
         return self.module.images(feats, experts)
 
     def texts(self, index, feats=None):
-        """Normalized embeddings (E, n, dim) of training texts ``index`` (or given features)."""
+        """Return normalized embeddings (E, n, dim) of texts ``index`` (or given features)."""
         feats = feats if feats is not None else (
             (self.text_feats[0][index], self.text_feats[1][index])
             if isinstance(self.text_feats, tuple) else self.text_feats[index])
@@ -154,10 +162,12 @@ class HeadsBackend:
         return self.module.texts(feats)
 
     def expert_ids(self, index):
+        """Return the expert of each image ``index``."""
         return self.image_experts[index]
 
     @property
     def logit_scale(self):
+        """The learnable log inverse temperature."""
         return self.module.logit_scale
 
     def export(self, out_dir, extra=None):
@@ -204,13 +214,11 @@ class OpenClipBackend:
                                          freeze_bn_stats=True)
         if model.lock_text:
             self.module.lock_text_tower(unlocked_layers=model.unlocked_text_layers)
-        self.image_experts = None
 
     def set_data(self, image_paths, image_platforms, texts):
         """Remember the files and texts; open_clip reads them batch by batch."""
         self.image_paths = list(image_paths)
         self.all_texts = list(texts)
-        self.image_experts = torch.zeros(len(image_paths), dtype=torch.int64)
 
     def _pixels(self, paths):
         out = []
@@ -220,10 +228,11 @@ class OpenClipBackend:
         return torch.stack(out).to(self.cfg.train.device)
 
     def encode_extra(self, image_paths, image_platforms, texts):
-        return (list(image_paths), torch.zeros(len(image_paths), dtype=torch.int64),
-                list(texts))
+        """Return validation inputs: the files and texts themselves (encoded when scored)."""
+        return list(image_paths), self.expert_ids(image_paths), list(texts)
 
     def images(self, index, feats=None, experts=None):
+        """Return normalized embeddings of images ``index`` (or of the given paths)."""
         paths = feats if feats is not None else [self.image_paths[i] for i in index.tolist()]
         out = []
         for start in range(0, len(paths), 64):
@@ -232,6 +241,7 @@ class OpenClipBackend:
         return torch.cat(out)
 
     def texts(self, index, feats=None):
+        """Return normalized embeddings (1, n, dim) of texts ``index`` (or given texts)."""
         texts = feats if feats is not None else [self.all_texts[i] for i in index.tolist()]
         out = []
         for start in range(0, len(texts), 256):
@@ -240,10 +250,12 @@ class OpenClipBackend:
         return torch.cat(out)[None]
 
     def expert_ids(self, index):
-        return torch.zeros(len(index), dtype=torch.int64)
+        """Return zeros: an open_clip model has one shared space."""
+        return torch.zeros(len(index), dtype=torch.int64, device=self.cfg.train.device)
 
     @property
     def logit_scale(self):
+        """The model's learnable log inverse temperature."""
         return self.module.logit_scale
 
     def export(self, out_dir, extra=None):

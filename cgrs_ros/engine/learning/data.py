@@ -30,11 +30,11 @@ import numpy as np
 QUERIES_FILE = 'queries.csv'
 # Words that say how an image was taken or glue a sentence together, not what a place is;
 # left out of the attribute sets that soft labels compare.
-_STOP = frozenset('''a an the and or of in on at to by with from its it is are lies runs
+_STOP = frozenset("""a an the and or of in on at to by with from its it is are lies runs
 around near nearby next beside along side there this that seen above view image photo
 satellite drone aerial oblique overhead top down shot picture some several few one two three
-four five'''.split())
-_WORD = re.compile(r"[a-z][a-z-]+")
+four five""".split())
+_WORD = re.compile(r'[a-z][a-z-]+')
 _CLAUSE = re.compile(r';\s*')
 _PIECE = re.compile(r',\s*(?:and\s+)?')
 
@@ -213,7 +213,7 @@ def load_training_pairs(galleries=(), geotext=None, images_root=None):
 
 
 def load_query_set(path):
-    """Validation set from a gallery folder (or its queries.csv): held-out queries if present.
+    """Return the validation set of a gallery folder (or of its queries.csv).
 
     A gallery with ``queries.csv`` uses those queries (phrasings a model was not trained on);
     otherwise its descriptions serve as queries.

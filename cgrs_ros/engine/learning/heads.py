@@ -42,6 +42,7 @@ class Head(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
+        """Project a batch of features."""
         return self.net(x)
 
 
@@ -58,6 +59,7 @@ class TokenPool(nn.Module):
         self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def forward(self, tokens, mask):
+        """Pool (n, L, dim) word pieces with their (n, L) mask -> (n, 2 * dim)."""
         logits = self.score(tokens).squeeze(-1).masked_fill(~mask, float('-inf'))
         weights = torch.softmax(logits, dim=-1).unsqueeze(-1)
         counts = mask.sum(dim=1, keepdim=True).clamp_min(1)
@@ -119,7 +121,7 @@ class DualHeads(nn.Module):
 
     @staticmethod
     def similarity(text_emb, image_emb, expert_ids):
-        """Cosine similarity (n_text, n_image) with each image scored in its expert's space."""
+        """Return cosine similarities (n_text, n_image), each image in its expert's space."""
         sims = torch.einsum('etd,id->eti', text_emb, image_emb)
         index = expert_ids.view(1, 1, -1).expand(1, sims.shape[1], -1)
         return sims.gather(0, index)[0]
@@ -180,4 +182,3 @@ def load_heads(folder):
         raise ModelLoadError(f'{folder / WEIGHTS_FILE} does not hold the heads its '
                              f'{MODEL_FILE} describes ({exc}); retrain the model') from None
     return heads.eval(), config
-

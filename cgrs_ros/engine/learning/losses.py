@@ -16,12 +16,12 @@ group-to-group credit matrix.
 """
 
 import torch
-from torch.nn import functional as F
+from torch.nn import functional
 
 
 def soft_cross_entropy(logits, target):
     """Mean over rows of -sum(target * log_softmax(logits)); rows of target sum to 1."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    return -(target * functional.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def _rows_normalized(matrix):

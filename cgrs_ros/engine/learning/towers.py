@@ -44,7 +44,7 @@ def lite0_weights_path():
 
 
 def _load_lite0(device):
-    """timm's tf_efficientnet_lite0 with the package's weights (mapped by order, checked)."""
+    """Build timm's tf_efficientnet_lite0 with the package's weights (mapped by order)."""
     ensure_torchvision()
     import timm
     import torch

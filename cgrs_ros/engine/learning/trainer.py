@@ -54,8 +54,15 @@ class TrainResult:
 
 
 def _fingerprint(cfg, pairs):
-    """Hash of the config and data a checkpoint belongs to (resume refuses another run's)."""
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode='json'), sort_keys=True).encode())
+    """Hash of the config and data a checkpoint belongs to (resume refuses another run's).
+
+    Settings that may change between a run and its resumption (epochs to reach, device,
+    threads) are left out.
+    """
+    settings = cfg.model_dump(mode='json')
+    for key in ('epochs', 'device', 'threads'):
+        settings['train'].pop(key)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update('\n'.join(pairs.image_paths).encode())
     digest.update(str(len(pairs.texts)).encode())
     return digest.hexdigest()[:16]
@@ -143,10 +150,10 @@ def mine_neighbours(backend, pairs, k, geo_radius_m=0.0):
     n_groups = len(pairs.groups)
     images, texts = _embed_all(backend, len(pairs.image_paths), len(pairs.texts))
     experts = backend.expert_ids(torch.arange(len(pairs.image_paths)))
-    text_groups = torch.from_numpy(pairs.text_groups)
+    text_groups = torch.from_numpy(pairs.text_groups).to(texts.device)
     image_groups = torch.as_tensor(pairs.image_groups, dtype=torch.int64)
     # Place centroids of the texts, per expert: (E, G, d).
-    sums = torch.zeros(texts.shape[0], n_groups, texts.shape[2])
+    sums = torch.zeros(texts.shape[0], n_groups, texts.shape[2], device=texts.device)
     sums.index_add_(1, text_groups, texts)
     centroids = torch.nn.functional.normalize(sums, dim=-1)
     out = np.full((n_groups, k), -1, dtype=np.int64)
@@ -154,7 +161,7 @@ def mine_neighbours(backend, pairs, k, geo_radius_m=0.0):
     towns = np.array(pairs.group_town)
     for start in range(0, n_groups, 512):
         block = slice(start, min(start + 512, n_groups))
-        sims = DualHeads.similarity(centroids[:, block], images, experts)  # (g, n_img)
+        sims = DualHeads.similarity(centroids[:, block], images, experts).cpu()  # (g, n_img)
         best = torch.full((sims.shape[0], n_groups), -float('inf'))
         best = best.scatter_reduce(1, image_groups.expand(sims.shape[0], -1), sims, 'amax')
         rows = torch.arange(block.start, block.stop)
@@ -172,15 +179,19 @@ def mine_neighbours(backend, pairs, k, geo_radius_m=0.0):
 
 
 @torch.no_grad()
-def evaluate_query_set(backend, query_set):
-    """Text->image place-level Recall@1/5/10 of a :class:`QuerySet` (percent)."""
+def evaluate_query_set(backend, query_set, inputs=None):
+    """Text->image place-level Recall@1/5/10 of a :class:`QuerySet` (percent).
+
+    ``inputs``: the set's frozen features from ``backend.encode_extra`` when already computed.
+    """
     backend.module.eval()
-    feats, experts, texts = backend.encode_extra(query_set.image_paths,
-                                                 query_set.image_platforms, query_set.queries)
+    feats, experts, texts = inputs or backend.encode_extra(
+        query_set.image_paths, query_set.image_platforms, query_set.queries)
     images = backend.images(None, feats, experts)
     text_emb = backend.texts(None, texts)
     sims = DualHeads.similarity(text_emb, images, experts)
-    result = t2i_from_scores(sims.numpy(), query_set.query_groups, query_set.image_groups)
+    result = t2i_from_scores(sims.cpu().numpy(), query_set.query_groups,
+                             query_set.image_groups)
     return {f'r{k}': round(result.recall(k), 2) for k in (1, 5, 10)}
 
 
@@ -297,9 +308,15 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
         start_epoch = resumed_from = info['epoch'] + 1
         say(f'resuming from the checkpoint of epoch {info["epoch"]} in {out / CHECKPOINT_DIR}')
 
+    val_inputs = [backend.encode_extra(q.image_paths, q.image_platforms, q.queries)
+                  for q in val_sets]
+
+    def validate():
+        return {q.name: evaluate_query_set(backend, q, inputs)
+                for q, inputs in zip(val_sets, val_inputs)}
+
     if val_sets and checkpoint is None:
-        # The untrained model's figures, so the card shows what training added.
-        val_before = {q.name: evaluate_query_set(backend, q) for q in val_sets}
+        val_before = validate()  # the untrained model, so the card shows what training added
     started = time.perf_counter()
     for epoch in range(start_epoch, tc.epochs + 1):
         rng = np.random.default_rng([tc.seed, epoch])
@@ -342,7 +359,7 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
                  'seconds': round(seconds, 2), 'pairs_per_s': round(n_pairs / seconds, 1),
                  'temperature': round(float(1.0 / backend.logit_scale.detach().exp()), 5)}
         if val_sets:
-            entry['val'] = {q.name: evaluate_query_set(backend, q) for q in val_sets}
+            entry['val'] = validate()
             entry['val_r1'] = round(float(np.mean([v['r1'] for v in entry['val'].values()])), 2)
         history.append(entry)
         improved = best is None or entry.get('val_r1', 0.0) >= best['val_r1']
@@ -387,7 +404,7 @@ def _step(backend, pairs, img_idx, txt_idx, credit, soft_weight):
     t_local = torch.from_numpy(local[:len(text_groups)])
     i_local = torch.from_numpy(local[len(text_groups):])
     credit_matrix = torch.from_numpy(credit(places)) if credit is not None else None
-    target = batch_targets(t_local, i_local, credit_matrix, soft_weight)
+    target = batch_targets(t_local, i_local, credit_matrix, soft_weight).to(sims.device)
     return symmetric_contrastive_loss(backend.logit_scale.exp() * sims, target)
 
 
