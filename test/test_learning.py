@@ -179,6 +179,34 @@ def test_saved_model_answers_queries_through_the_engine(trained, toy, tmp_path):
         retriever.close()
 
 
+def test_learned_captioner_runs_cgrs_from_pixels(trained, tmp_path):
+    # A gallery without descriptions: the trained model's caption bank writes captions from
+    # the pixels (cgrs caption's real run), and the caption channel reranks with them.
+    from cgrs_ros.engine.captioning import caption_status, run_captioning
+    from cgrs_ros.engine.indexer import index_gallery
+    from cgrs_ros.engine.retriever import Retriever
+
+    out, _ = trained
+    bank = json.loads((out / 'caption_bank.json').read_text())['texts']
+    assert len(bank) == 18  # the toy set's distinct descriptions (fewer than caption_bank)
+    config = load_config(overrides={
+        'image_encoder': {'backend': 'learned', 'model': str(out)},
+        'captioner': {'backend': 'learned', 'model': str(out)}})
+    gallery = toy_gallery(tmp_path / 'g', 9, descriptions=False)
+    assert caption_status(gallery, config).pending == 12
+    summary = run_captioning(gallery, config)
+    assert summary.captioned == 12 and not summary.failures
+    index_gallery(gallery, config, progress=False)
+    retriever = Retriever.open(gallery, config)
+    try:
+        for colour in ('green', 'white'):
+            top = retriever.query(f'the {colour} place').candidates[0]
+            assert top.group_id == colour
+            assert colour in top.caption and top.caption_score is not None
+    finally:
+        retriever.close()
+
+
 def test_platform_experts_train_and_serve_per_platform_queries(toy, tmp_path):
     from cgrs_ros.engine.encoders import LearnedDualEncoder
 

@@ -148,6 +148,9 @@ def describe_captioner(section):
     if settings.backend == 'openai':
         with make_captioner(settings) as captioner:
             return captioner.identity, captioner.prompt_version
+    if settings.backend == 'learned':
+        from cgrs_ros.engine.captioners.learned_backend import read_caption_bank
+        return read_caption_bank(settings.model)[2:]
     if not settings.model:
         raise ConfigError('captioner.model is empty; set it to a Hugging Face model id or a '
                           'local model directory.')

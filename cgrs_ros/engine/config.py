@@ -16,7 +16,7 @@ import yaml
 
 DEFAULT_TEXT_MODEL = 'all-MiniLM-L6-v2'
 # Captioner backends the engine knows; the VLM backends live in captioners.py.
-CAPTIONER_BACKENDS = ('manifest', 'transformers', 'openai', 'none')
+CAPTIONER_BACKENDS = ('manifest', 'transformers', 'openai', 'learned', 'none')
 
 
 class _Section(BaseModel):
@@ -61,7 +61,8 @@ class CaptionerConfig(BaseModel):
     """Where captions come from: manifest descriptions, a VLM, or nowhere.
 
     ``manifest``: the description column; ``transformers`` / ``openai``: a VLM backend
-    (captioners.py); ``none``: no caption channel, manifest descriptions ignored (pixels only).
+    (captioners.py); ``learned``: the caption bank of a `cgrs train dual` model; ``none``: no
+    caption channel, manifest descriptions ignored (pixels only).
 
     Backend-specific keys (model, endpoint, ...) are accepted here and validated by the
     backend itself.
@@ -186,9 +187,10 @@ def load_config(path=None, overrides=None):
         raise _first_error(exc, source) from None
     except ConfigError as exc:  # from a captioner backend's own validation
         raise ConfigError(f'{source}: {exc}') from None
-    image = config.image_encoder
-    if path is not None and image.backend == 'learned' and not Path(image.model).expanduser(
-            ).is_absolute():
-        # A model folder shipped next to its config (the demo's) is found from any directory.
-        image.model = str((Path(path).resolve().parent / image.model).resolve())
+    # A model folder shipped next to its config (the demo's) is found from any directory.
+    for section in (config.image_encoder, config.captioner):
+        model = getattr(section, 'model', None)
+        if path is not None and section.backend == 'learned' and model and not Path(
+                model).expanduser().is_absolute():
+            section.model = str((Path(path).resolve().parent / model).resolve())
     return config

@@ -1,8 +1,8 @@
 """Captioner backends: a VLM writes one detailed caption per gallery image.
 
 ``make_captioner(section)`` builds the backend named by the ``captioner`` section of the engine
-config: ``transformers`` (a local Hugging Face model) or ``openai`` (an OpenAI-compatible
-endpoint). The ``manifest`` backend (captions shipped in the manifest) is not a model; the
+config: ``transformers`` (a local Hugging Face model), ``openai`` (an OpenAI-compatible
+endpoint) or ``learned`` (the caption bank of a model trained by ``cgrs train dual``). The ``manifest`` backend (captions shipped in the manifest) is not a model; the
 caption store in ``cgrs_ros.engine.captions`` serves it.
 """
 
@@ -31,6 +31,9 @@ def make_captioner(section):
     if settings.backend == 'openai':
         from cgrs_ros.engine.captioners.openai_backend import OpenAICaptioner
         return OpenAICaptioner(settings)
+    if settings.backend == 'learned':
+        from cgrs_ros.engine.captioners.learned_backend import LearnedCaptioner
+        return LearnedCaptioner(settings)
     raise ConfigError(
         f'captioner.backend {settings.backend!r} runs no model (it reads the manifest '
         "descriptions through the caption store); choose 'transformers' or 'openai' to caption "

@@ -8,7 +8,7 @@ from cgrs_ros.engine.captioners.prompts import validate_prompt_overrides
 from cgrs_ros.engine.errors import ConfigError
 import pydantic
 
-BACKENDS = ('transformers', 'openai', 'manifest')
+BACKENDS = ('transformers', 'openai', 'learned', 'manifest')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class CaptionerSettings(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra='forbid')
 
-    backend: Literal['transformers', 'openai', 'manifest', 'none'] = 'manifest'
+    backend: Literal['transformers', 'openai', 'learned', 'manifest', 'none'] = 'manifest'
     model: Optional[str] = pydantic.Field(
         None, description='Hugging Face model id or local directory (transformers), or the '
                           'model name the endpoint serves (openai).')

@@ -275,6 +275,7 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
+    descriptions = list(pairs.texts)
     if tc.text_views == 'clauses':
         pairs = pairs.with_clause_views()
     if tc.threads:
@@ -385,10 +386,23 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
     card = model_card(cfg, pairs, val_sets, history, best, time.perf_counter() - started,
                       val_before)
     backend.export(out, {'card': 'model_card.json'})
+    if cfg.model.backend == 'lite0_minilm' and cfg.model.caption_bank:
+        write_caption_bank(out, descriptions, cfg.model.caption_bank, tc.seed)
     atomic_write_json(out / 'model_card.json', card)
     atomic_write_text(out / 'model_card.md', format_card(card))
     return TrainResult(out, len(history), best['epoch'] if best else len(history), history,
                        resumed_from, card)
+
+
+def write_caption_bank(out_dir, texts, size, seed):
+    """Keep up to ``size`` distinct training descriptions (seeded sample) for captioning."""
+    from cgrs_ros.engine.captioners.learned_backend import CAPTION_BANK
+
+    unique = sorted(set(texts))
+    if len(unique) > size:
+        keep = np.random.default_rng([seed, 7]).choice(len(unique), size, replace=False)
+        unique = [unique[i] for i in sorted(keep)]
+    atomic_write_json(Path(out_dir) / CAPTION_BANK, {'texts': unique})
 
 
 def _step(backend, pairs, img_idx, txt_idx, credit, soft_weight):
