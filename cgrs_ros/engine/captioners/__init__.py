@@ -2,8 +2,9 @@
 
 ``make_captioner(section)`` builds the backend named by the ``captioner`` section of the engine
 config: ``transformers`` (a local Hugging Face model), ``openai`` (an OpenAI-compatible
-endpoint) or ``learned`` (the caption bank of a model trained by ``cgrs train dual``). The ``manifest`` backend (captions shipped in the manifest) is not a model; the
-caption store in ``cgrs_ros.engine.captions`` serves it.
+endpoint) or ``learned`` (the caption bank of a model trained by ``cgrs train dual``). The
+``manifest`` backend (captions shipped in the manifest) is not a model; the caption store in
+``cgrs_ros.engine.captions`` serves it.
 """
 
 from cgrs_ros.engine.captioners.base import (

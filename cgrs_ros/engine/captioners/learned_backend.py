@@ -64,7 +64,7 @@ class LearnedCaptioner(Captioner):
 
     @property
     def identity(self):
-        """Return the model folder's identity (path and weights fingerprint)."""
+        """Return the model's identity: its folder and weights fingerprint."""
         return self._identity
 
     @property
