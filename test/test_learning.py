@@ -222,6 +222,21 @@ def test_platform_experts_train_and_serve_per_platform_queries(toy, tmp_path):
     np.testing.assert_allclose(per_platform[1], per_platform[2])   # ground -> drone's expert
     with pytest.raises(ValueError, match='platform'):
         encoder.encode_images([Image.new('RGB', (64, 64))])
+    # Through the engine: images indexed by their expert, the query scored by each.
+    from cgrs_ros.engine.indexer import index_gallery
+    from cgrs_ros.engine.retriever import Retriever
+    config = load_config(overrides={'image_encoder': {'backend': 'learned',
+                                                      'model': str(tmp_path / 'm')},
+                                    'captioner': {'backend': 'none'}})
+    gallery = toy_gallery(tmp_path / 'g', 5, descriptions=False)
+    index_gallery(gallery, config, progress=False)
+    retriever = Retriever.open(gallery, config)
+    try:
+        ranked = retriever.query('the yellow one', top_k=4).candidates
+        assert {c.platform for c in ranked[:2]} == {'satellite', 'drone'}
+        assert [c.group_id for c in ranked[:2]] == ['yellow', 'yellow']
+    finally:
+        retriever.close()
 
 
 def test_attention_pooling_over_word_pieces_trains_and_serves(toy, tmp_path):

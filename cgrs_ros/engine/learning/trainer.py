@@ -29,6 +29,7 @@ from cgrs_ros.engine.learning.backends import default_cache_root, make_backend
 from cgrs_ros.engine.learning.data import GroupCredit
 from cgrs_ros.engine.learning.heads import DualHeads
 from cgrs_ros.engine.learning.losses import batch_targets, symmetric_contrastive_loss
+from cgrs_ros.engine.query_norm import remove_command_words
 from cgrs_ros.engine.storage import atomic_replace, atomic_write_json, atomic_write_text
 import numpy as np
 import torch
@@ -309,7 +310,10 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
         start_epoch = resumed_from = info['epoch'] + 1
         say(f'resuming from the checkpoint of epoch {info["epoch"]} in {out / CHECKPOINT_DIR}')
 
-    val_inputs = [backend.encode_extra(q.image_paths, q.image_platforms, q.queries)
+    # Validation queries go through the engine's default query normalization (a spoken
+    # command such as "fly to" is dropped), as they will at query time.
+    val_inputs = [backend.encode_extra(q.image_paths, q.image_platforms,
+                                       [remove_command_words(t) for t in q.queries])
                   for q in val_sets]
 
     def validate():
