@@ -29,7 +29,7 @@ CACHE = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'cgrs
 VARIANTS = {
     'shared': {},
     'soft_labels': {'loss': {'soft_labels': {'enabled': True}}},
-    'hard_negatives': {'loss': {'hard_negatives': {'enabled': True}}},
+    'hard_negatives': {'loss': {'hard_negatives': {'enabled': True, 'geo_radius_m': 150.0}}},
     'experts': {'model': {'experts': True}},
 }
 EVAL_TOWNS = (0, 3000)

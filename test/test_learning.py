@@ -404,7 +404,8 @@ def test_learned_backend_without_a_model_folder_says_how_to_make_one(tmp_path):
 
 def test_cli_train_reports_the_model_and_how_to_use_it(toy, tmp_path):
     config = tmp_path / 'train.yaml'
-    config.write_text(json.dumps(_nest(dict(TINY, **{'train.epochs': 2}))))
+    config.write_text(json.dumps(_nest(dict(TINY, **{'train.epochs': 2,
+                                                     'model.weights_dtype': 'float16'}))))
     proc = _cgrs('train', 'dual', toy['train'], '--val', toy['val'], '--config', config,
                  '--cache', toy['cache'], '--out', tmp_path / 'm', '--quiet',
                  env=dict(os.environ))
@@ -412,4 +413,7 @@ def test_cli_train_reports_the_model_and_how_to_use_it(toy, tmp_path):
     assert proc.returncode == 0, err
     assert 'use it: image_encoder: {backend: learned, model: ' in out
     assert 'val val: R@1' in out
-    assert Path(tmp_path / 'm' / 'heads.safetensors').is_file()
+    # float16 heads load back as float32 and encode.
+    from cgrs_ros.engine.encoders import LearnedDualEncoder
+    encoder = LearnedDualEncoder(str(tmp_path / 'm'))
+    assert encoder.encode_texts(['a red square']).dtype == np.float32

@@ -177,7 +177,7 @@ class HeadsBackend:
                   'text': {'model': self.cfg.model.text_model, 'identity': self.text_identity,
                            'pooling': self.cfg.model.text_pooling,
                            'max_tokens': self.cfg.model.max_tokens}}
-        save_model_folder(out_dir, self.module, towers, extra)
+        save_model_folder(out_dir, self.module, towers, extra, self.cfg.model.weights_dtype)
 
 
 class OpenClipBackend:

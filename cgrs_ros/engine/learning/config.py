@@ -36,6 +36,8 @@ class ModelSection(_Section):
     text_noise: float = Field(0.0, ge=0.0, le=1.0)
     # Platform experts (TeleAI PE-MoE): one head pair per platform seen in training.
     experts: bool = False
+    # Precision of the exported heads: float16 halves the file (loaded back as float32).
+    weights_dtype: Literal['float32', 'float16'] = 'float32'
     # Training descriptions kept in the model folder for the `learned` captioner (0 = none).
     caption_bank: int = Field(4000, ge=0, le=1_000_000)
     # open_clip: an architecture (ViT-B-32) + pretrained (tag or file), or 'local-dir:DIR'.

@@ -131,13 +131,17 @@ class DualHeads(nn.Module):
         return dict(self.shape, experts=list(self.experts), expert_of=self.expert_of)
 
 
-def save_model_folder(out_dir, heads, towers, extra=None):
-    """Write ``cgrs_model.json`` + ``heads.safetensors`` into ``out_dir`` (atomically each)."""
+def save_model_folder(out_dir, heads, towers, extra=None, dtype='float32'):
+    """Write ``cgrs_model.json`` + ``heads.safetensors`` into ``out_dir`` (atomically each).
+
+    ``dtype`` float16 halves the file (loading converts back to float32).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()}
+    state = {k: v.detach().to(getattr(torch, dtype)).contiguous().cpu()
+             for k, v in heads.state_dict().items()}
     with atomic_replace(out / WEIGHTS_FILE) as tmp:
         save_file(state, tmp)
     atomic_write_json(out / MODEL_FILE, dict(
@@ -177,7 +181,7 @@ def load_heads(folder):
                       text_pooling=shape.get('text_pooling', 'mean'))
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
-        heads.load_state_dict(state)
+        heads.load_state_dict({k: v.float() for k, v in state.items()})
     except Exception as exc:  # safetensors/torch raise several types on a bad file
         raise ModelLoadError(f'{folder / WEIGHTS_FILE} does not hold the heads its '
                              f'{MODEL_FILE} describes ({exc}); retrain the model') from None
