@@ -147,8 +147,10 @@ def test_missing_model_names_the_id_and_how_to_fetch_it(tmp_path):
 
 
 @pytest.mark.parametrize('section, message', [
-    ({'backend': 'clip'}, "'transformers', 'openai' or 'manifest'"),
+    ({'backend': 'clip'}, "'transformers', 'openai', 'learned', 'manifest' or 'none'"),
     ({'backend': 'manifest'}, 'runs no model'),
+    ({'backend': 'none'}, 'runs no model'),
+    ({'backend': 'learned'}, 'captioner.model is empty'),
     ({'backend': 'transformers'}, 'captioner.model is empty'),
     ({'backend': 'openai', 'model': 'm', 'prompts': {'street': 'x'}}, 'unknown platform'),
     ({'backend': 'openai', 'model': 'm', 'base_url': 'localhost:8000'}, 'not an http'),

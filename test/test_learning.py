@@ -4,7 +4,6 @@ SIGKILL, open_clip fine-tuning with locks, and the errors a user can cause."""
 
 import json
 import os
-from pathlib import Path
 import signal
 import subprocess
 import sys

@@ -35,7 +35,8 @@ def make_captioner(section):
     if settings.backend == 'learned':
         from cgrs_ros.engine.captioners.learned_backend import LearnedCaptioner
         return LearnedCaptioner(settings)
+    what = ('it reads the manifest descriptions through the caption store'
+            if settings.backend == 'manifest' else 'captions are off')
     raise ConfigError(
-        f'captioner.backend {settings.backend!r} runs no model (it reads the manifest '
-        "descriptions through the caption store); choose 'transformers' or 'openai' to caption "
-        'images.')
+        f'captioner.backend {settings.backend!r} runs no model ({what}); choose '
+        "'transformers', 'openai' or 'learned' to caption images.")
