@@ -8,7 +8,8 @@ on towns never trained on: the demo town (seed 0) and seed 3000, with their held
 Per town it prints
 - every variant's coarse stage from pixels alone (captioner: none);
 - the demo model (models/demo_dual) in every pipeline: coarse, rerank (CGRS), hybrid, with the
-  manifest descriptions as captions, and caption-only (no image encoder).
+  manifest descriptions as captions; rerank and hybrid from pixels alone with captions written
+  by the learned captioner; and caption-only (no image encoder, manifest descriptions).
 
     .venv/bin/python benchmarks/learned_models.py [--towns 30] [--variants shared,soft,...]
 
@@ -74,8 +75,11 @@ def engine_config(work, name, image_model, captioner):
     path = work / f'engine-{name}.yaml'
     image = ({'backend': 'learned', 'model': str(image_model), 'threads': 1} if image_model
              else {'backend': 'none'})
+    section = {'backend': captioner}
+    if captioner == 'learned':
+        section['model'] = str(image_model)
     path.write_text(yaml.safe_dump({'image_encoder': image, 'text_encoder': {'threads': 1},
-                                    'captioner': {'backend': captioner}}))
+                                    'captioner': section}))
     return path
 
 
@@ -113,6 +117,12 @@ def main():
         for method, value in evaluate(gallery, config, 'coarse,rerank,hybrid',
                                       args.work / f'state-{seed}').items():
             rows[f'demo model: {method}, with descriptions'] = value
+        # Pixels only, whole CGRS: captions written by the learned captioner (caption bank).
+        config = engine_config(args.work, 'demo-learned-captions', demo_model, 'learned')
+        cgrs('caption', gallery, '--config', config, '--state', args.work / f'state-{seed}')
+        for method, value in evaluate(gallery, config, 'rerank,hybrid',
+                                      args.work / f'state-{seed}').items():
+            rows[f'demo model: {method}, pixels only (learned captions)'] = value
         config = engine_config(args.work, 'caption-only', None, 'manifest')
         rows['caption only (no image encoder)'] = evaluate(
             gallery, config, 'config', args.work / f'state-{seed}')['config']

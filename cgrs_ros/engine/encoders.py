@@ -476,7 +476,7 @@ class LearnedDualEncoder(ImageTextEncoder):
         torch = self._torch
         features = torch.from_numpy(self._tower.features(images)).to(self._device)
         experts = torch.tensor([self._heads.expert_index(p) for p in platforms or
-                                [None] * len(images)], dtype=torch.int64)
+                                [None] * len(images)], dtype=torch.int64, device=self._device)
         with torch.inference_mode():
             return self._heads.images(features, experts).cpu().numpy()
 
