@@ -32,7 +32,7 @@ def read_caption_bank(model):
         raise ConfigError('captioner.model is empty; set it to a `cgrs train dual` model '
                           'folder (the one image_encoder.model names)')
     folder = Path(model).expanduser().resolve()
-    identity = f'learned:{learned_identity(folder)}'
+    identity = learned_identity(folder)
     bank_path = folder / CAPTION_BANK
     try:
         bank = json.loads(bank_path.read_text(encoding='utf-8'))['texts']
