@@ -346,6 +346,31 @@ def test_open_clip_fine_tune_with_lit_lock_loads_as_local_dir(toy, tiny_open_cli
     assert encoder.encode_texts(['a red square']).shape == (1, 32)
 
 
+def test_geotext_annotations_train_with_the_building_as_place(tmp_path, toy):
+    # GeoText-1652 layout: image_id "0001/image-01.jpeg", the first four characters name the
+    # building; captions are strings (train split). Images are the toy tiles, renamed.
+    root = tmp_path / 'images'
+    entries = []
+    for b, colour in enumerate(('red', 'green', 'blue'), start=1):
+        for k in range(2):
+            image_id = f'{b:04d}/image-{k + 1:02d}.jpeg'
+            path = root / image_id
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(toy['train'] / 'images' / f'{colour}_{k}.png').convert('RGB').save(path)
+            entries.append({'image_id': image_id, 'image': f'train/{image_id}',
+                            'caption': f'a {colour} square seen from a drone'})
+    ann = tmp_path / 'train.json'
+    ann.write_text(json.dumps(entries))
+    pairs = load_training_pairs(geotext=ann, images_root=root)
+    assert len(pairs.groups) == 3 and set(pairs.image_platforms) == {'drone'}
+    assert sorted(pairs.groups) == ['geotext/0001', 'geotext/0002', 'geotext/0003']
+    cfg = load_train_config(None, dict(TINY, **{'train.epochs': 2}))
+    result = train_dual(pairs, cfg, tmp_path / 'm', cache_root=toy['cache'], progress=False)
+    assert result.card['data']['places'] == 3
+    with pytest.raises(GalleryError, match='--images'):
+        load_training_pairs(geotext=ann)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 def test_gallery_without_descriptions_is_refused_with_the_fix(tmp_path):
