@@ -259,7 +259,10 @@ def load_checkpoint(out_dir, name='last'):
 # ----------------------------------------------------------------------------- the loop
 
 def _is_oom(exc):
-    return isinstance(exc, MemoryError) or 'out of memory' in str(exc).lower() or (
+    # CUDA says "out of memory"; torch's CPU allocator "can't allocate memory".
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or 'out of memory' in text or (
+        "can't allocate memory" in text) or (
         hasattr(torch, 'OutOfMemoryError') and isinstance(exc, torch.OutOfMemoryError))
 
 
@@ -323,6 +326,8 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
     if val_sets and checkpoint is None:
         val_before = validate()  # the untrained model, so the card shows what training added
     started = time.perf_counter()
+    # The progress bar shows the last validation R@1 beside the running loss.
+    last_val = {'val_r1': history[-1]['val_r1']} if history and 'val_r1' in history[-1] else {}
     for epoch in range(start_epoch, tc.epochs + 1):
         rng = np.random.default_rng([tc.seed, epoch])
         torch.manual_seed(tc.seed * 100003 + epoch)
@@ -357,7 +362,7 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
                 raise
             losses.append(loss.item())
             n_pairs += len(img_idx)
-            bar.set_postfix(loss=f'{np.mean(losses[-20:]):.4f}')
+            bar.set_postfix(loss=f'{np.mean(losses[-20:]):.4f}', **last_val)
         bar.close()
         seconds = time.perf_counter() - t0
         entry = {'epoch': epoch, 'stage': stage, 'loss': round(float(np.mean(losses)), 6),
@@ -366,6 +371,7 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
         if val_sets:
             entry['val'] = validate()
             entry['val_r1'] = round(float(np.mean([v['r1'] for v in entry['val'].values()])), 2)
+            last_val = {'val_r1': entry['val_r1']}
         history.append(entry)
         improved = best is None or entry.get('val_r1', 0.0) >= best['val_r1']
         if improved:
