@@ -26,6 +26,7 @@ from cgrs_ros.engine.torch_compat import ensure_torchvision
 import numpy as np
 from PIL import Image
 import torch
+from tqdm import tqdm
 
 
 def text_features(texts, text_model, cache_root, device='cpu', progress=None):
@@ -110,8 +111,12 @@ class HeadsBackend:
     def set_data(self, image_paths, image_platforms, texts):
         """Compute (or load cached) frozen features of the images and texts used."""
         self._say(f'image features: {len(image_paths)} images ({self.tower.identity})')
-        self.image_feats = torch.from_numpy(self._feature_cache.features(
-            image_paths, self.cfg.train.feature_batch))
+        # A bar in a terminal only (tqdm's disable=None): the first run computes them all.
+        with tqdm(total=len(image_paths), desc='image features', unit='img',
+                  disable=None, leave=False) as bar:
+            self.image_feats = torch.from_numpy(self._feature_cache.features(
+                image_paths, self.cfg.train.feature_batch,
+                progress=lambda done: bar.update(done - bar.n)))
         self._say(f'text features: {len(texts)} texts ({self.cfg.model.text_model}, '
                   f'{self.cfg.model.text_pooling} pooling)')
         self.text_feats, text_dim = self._text_inputs(list(texts))
@@ -192,7 +197,6 @@ class OpenClipBackend:
             raise ConfigError('model.experts is only available with model.backend: '
                               'lite0_minilm; set model.experts: false for open_clip')
         self.cfg = cfg
-        self._progress = progress
         schema, target = _open_clip_parts(model.name, model.pretrained)
         if schema == 'random':
             raise ConfigError(
