@@ -379,6 +379,18 @@ def test_gallery_without_descriptions_is_refused_with_the_fix(tmp_path):
         load_training_pairs([gallery])
 
 
+def test_validation_sets_from_queries_or_descriptions(toy, tmp_path):
+    by_folder = load_query_set(toy['val'])
+    by_csv = load_query_set(toy['val'] / 'queries.csv')
+    assert by_folder.queries == by_csv.queries and len(by_folder.queries) == 12
+    assert by_folder.queries[0] == 'take me to the red one'
+    # Without a queries.csv the gallery's own descriptions are the queries.
+    described = load_query_set(toy['train'])
+    assert len(described.queries) == 36 and described.query_groups[0] == 'red'
+    with pytest.raises(GalleryError, match='neither queries.csv nor descriptions'):
+        load_query_set(toy_gallery(tmp_path / 'bare', 0, descriptions=False))
+
+
 def test_one_place_only_is_refused(tmp_path):
     gallery = toy_gallery(tmp_path / 'g', 0, colours={'red': COLOURS['red']})
     with pytest.raises(GalleryError, match='only one place'):
