@@ -438,6 +438,24 @@ def test_learned_backend_without_a_model_folder_says_how_to_make_one(tmp_path):
         image_encoder_identity(config.image_encoder)
 
 
+def test_damaged_model_folder_names_the_file(trained, tmp_path):
+    import shutil
+
+    from cgrs_ros.engine.captioners import make_captioner
+    from cgrs_ros.engine.encoders import LearnedDualEncoder
+    from cgrs_ros.engine.errors import ModelLoadError
+
+    out, _ = trained
+    broken = tmp_path / 'broken'
+    shutil.copytree(out, broken, ignore=shutil.ignore_patterns('checkpoints'))
+    (broken / 'caption_bank.json').write_text('{"texts": ')
+    with pytest.raises(ModelLoadError, match='caption_bank.json cannot be read.*retrain'):
+        make_captioner({'backend': 'learned', 'model': str(broken)})
+    (broken / 'heads.safetensors').write_bytes(b'not safetensors')
+    with pytest.raises(ModelLoadError, match='heads.safetensors does not hold the heads'):
+        LearnedDualEncoder(str(broken))
+
+
 def test_cli_train_reports_the_model_and_how_to_use_it(toy, tmp_path):
     config = tmp_path / 'train.yaml'
     config.write_text(json.dumps(_nest(dict(TINY, **{'train.epochs': 2,
