@@ -293,6 +293,9 @@ def test_unindexed_gallery_and_bad_queries(gallery, config):
     retriever = Retriever.open(gallery, config())
     with pytest.raises(QueryError, match='empty'):
         retriever.query('   ')
+    for text in ('\u200b', '\x07', '\U0001f681'):  # nothing to search for
+        with pytest.raises(QueryError, match='no letters or digits'):
+            retriever.query(text)
     with pytest.raises(QueryError, match="platform 'boat'"):
         retriever.query('a house', platform='boat')
     with pytest.raises(QueryError, match='top_k 0'):

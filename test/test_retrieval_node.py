@@ -216,6 +216,8 @@ def test_action_goal_with_feedback_top_k_and_platform_filter(stack):
 
 @pytest.mark.parametrize('text, reason', [
     ('', 'empty'), ('   \t ', 'empty'), ('x' * 500, 'max_goal_length'),
+    ('\u200b', 'no letters or digits'), ('\x07', 'no letters or digits'),
+    ('\U0001f681 \U0001f4cd', 'no letters or digits'),
 ])
 def test_malformed_topic_goals_are_refused_and_the_node_lives_on(stack, text, reason):
     probe = stack['probe']
@@ -255,6 +257,12 @@ def test_invalid_action_goals_are_aborted_with_a_reason(stack):
     assert response.status == 6  # ABORTED
     assert response.result.result.status == RetrievalResult.STATUS_INVALID_GOAL
     assert 'submarine' in response.result.result.error
+    # top_k is bounded like the parameter (it is a uint32 in the goal).
+    handle = probe.send_goal('a pond', top_k=2**32 - 1)
+    response = probe.wait_future(handle.get_result_async())
+    assert response.status == 6
+    assert response.result.result.status == RetrievalResult.STATUS_INVALID_GOAL
+    assert 'top_k 4294967295 is more than 100' in response.result.result.error
 
 
 def test_invalid_parameter_is_refused_with_a_reason(stack):

@@ -316,6 +316,8 @@ class Retriever:
     def _check_query(self, text, top_k, platform):
         if not isinstance(text, str) or not text.strip():
             raise QueryError('the query text is empty; describe the place to go to')
+        if not any(ch.isalnum() for ch in text):
+            raise QueryError('the query has no letters or digits; describe the place to go to')
         if len(text) > MAX_QUERY_CHARS:
             raise QueryError(f'the query is {len(text)} characters long; keep it under '
                              f'{MAX_QUERY_CHARS}')

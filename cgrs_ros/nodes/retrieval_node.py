@@ -42,6 +42,8 @@ from std_msgs.msg import String, UInt32
 from visualization_msgs.msg import MarkerArray
 
 PLATFORMS = ('satellite', 'drone', 'ground')
+# The most candidates one result may carry, for the parameter and for action goals alike.
+TOP_K_MAX = 100
 
 
 def _platform_ok(value):
@@ -62,7 +64,7 @@ PARAMETERS = (
           check=lambda v: None if v.strip() else 'map_frame must not be empty'),
     *DATUM_PARAMETERS,  # shared with sim_drone: both must put map at one place
     Param('top_k', 5, 'Candidates per result (an action goal may ask for another number).',
-          minimum=1, maximum=100),
+          minimum=1, maximum=TOP_K_MAX),
     Param('coarse_k', 20, 'Coarse (image-text) candidates reranked by captions.',
           minimum=1, maximum=1000),
     Param('publish_goal_pose', True, 'Publish the best candidate on /goal_pose for Nav2.'),
@@ -115,6 +117,10 @@ def validate_goal_text(text, max_length):
     if len(stripped) > max_length:
         raise ValueError(f'goal text is {len(stripped)} characters, more than max_goal_length '
                          f'({max_length}); shorten it or raise the parameter')
+    if not any(ch.isalnum() for ch in stripped):
+        # A zero-width space, a control character or emoji only: nothing to search for.
+        raise ValueError('goal text has no letters or digits; send a description of the '
+                         'place, e.g. "the red-roofed building beside the circular plaza"')
     return stripped
 
 
@@ -234,6 +240,9 @@ class RetrievalNode(Node):
             reason = _platform_ok(platform)
             if reason:
                 raise ValueError(reason)
+            if goal.top_k > TOP_K_MAX:
+                raise ValueError(f'top_k {goal.top_k} is more than {TOP_K_MAX}, the most the '
+                                 'top_k parameter allows; ask for fewer candidates')
         except ValueError as exc:
             job.result = self._reject(goal.description[:200], str(exc), job=job)
             goal_handle.abort()
