@@ -28,9 +28,8 @@ import time
 from cgrs_ros.engine.captions import (caption_source_for, caption_store_path, CaptionRecord,
                                       CaptionStore, MANIFEST_CAPTIONER, NO_CAPTIONER)
 from cgrs_ros.engine.errors import CgrsError, ConfigError, GalleryError, ModelLoadError
-from cgrs_ros.engine.gallery import find_manifest, load_gallery, PLATFORMS
+from cgrs_ros.engine.gallery import decode_image, find_manifest, load_gallery, PLATFORMS
 from cgrs_ros.engine.storage import default_state_dir, FileHashCache
-from PIL import Image
 
 # Give up on a run when the captioner failed every image of this many batches in a row: the
 # model or endpoint is broken, and going on would only record the whole gallery as failed.
@@ -288,13 +287,6 @@ def _exclusive_run(state):
         handle.close()
 
 
-def _decode(path):
-    """Open an image fully (pixels, not just the header) as RGB; raises on corrupt data."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert('RGB')
-
-
 class _CaptionEmbedder:
     """Stores text embeddings of captions through the indexer's caption-embedding path.
 
@@ -421,7 +413,7 @@ def _caption_batches(captioner, plan, todo, summary, embed, batch_size, progress
             images, ready = [], []
             for content, item in batch:
                 try:
-                    images.append(_decode(plan.gallery.path_of(item)))
+                    images.append(decode_image(plan.gallery.path_of(item)))
                     ready.append((content, item))
                 except Exception as exc:  # any decoder error: this image fails, the run goes on
                     bad[content] = f'{DECODE_ERROR} ({type(exc).__name__}: {exc})'

@@ -126,6 +126,47 @@ class EngineConfig(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
 
+# A config is a few hundred YAML nodes; aliases may not blow it up beyond this ("billion
+# laughs": a 1 kB file of nested aliases that expands to billions of nodes).
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(node, sizes):
+    """Nodes ``node`` stands for once aliases are expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key not in sizes:
+        sizes[key] = 1  # a node reached again while being counted: a recursive alias
+        if isinstance(node, yaml.SequenceNode):
+            sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            sizes[key] = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes)
+                                 for k, v in node.value)
+    return sizes[key]
+
+
+def safe_load_yaml(text, source):
+    """``yaml.safe_load`` that refuses documents whose aliases expand past MAX_YAML_NODES.
+
+    The expanded size is computed on the composed node graph (each shared node once, with its
+    size memoized), before anything is constructed, so a refusal costs milliseconds.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {})
+        except RecursionError:
+            size = MAX_YAML_NODES + 1
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f'{source} expands to more than {MAX_YAML_NODES} YAML nodes '
+                              '(aliases nested too deep); write the values out plainly')
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _set_dotted(data, dotted, value):
     node = data
     parts = dotted.split('.')
@@ -172,7 +213,7 @@ def load_config(path=None, overrides=None):
             raise ConfigError(f'cannot read config file {path} ({exc.strerror}); pass an '
                               'existing YAML file') from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = safe_load_yaml(text, f'config file {path}') or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f'config file {path} is not valid YAML ({exc}); fix the '
                               'syntax') from None

@@ -25,6 +25,7 @@ import json
 import math
 import os
 from pathlib import Path
+import warnings
 
 from cgrs_ros.engine.errors import GalleryError
 from cgrs_ros.engine.storage import atomic_write_text
@@ -36,6 +37,21 @@ COLUMNS = ('image_id', 'path', 'lat', 'lon', 'alt', 'heading_deg', 'platform', '
            'description')
 REQUIRED_COLUMNS = ('image_id', 'path', 'lat', 'lon', 'platform')
 DESCRIPTION_SEPARATOR = ' || '
+# Limits a row must keep (a bad row is skipped with its line, the rest loads):
+# - images over MAX_IMAGE_PIXELS are refused: a decompression bomb, or a raster to tile first
+#   (`cgrs gallery from-geotiff`); decoded images are shrunk to MAX_DECODED_SIDE on their
+#   longer side, more than any encoder or captioner here looks at, so a batch's memory is
+#   bounded whatever the files hold;
+# - a field longer than MAX_FIELD_CHARS (a description is a few hundred characters);
+# - alt within ALT_RANGE_M metres of the WGS84 ellipsoid (below the Dead Sea shore to far above
+#   any drone's ceiling).
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_DECODED_SIDE = 2048
+MAX_FIELD_CHARS = 100_000
+ALT_RANGE_M = (-1000.0, 20000.0)
+# The csv module's own limit (128 kB) would abort the whole manifest on one long field; parse
+# up to this size and refuse the row ourselves, with its line number.
+csv.field_size_limit(max(csv.field_size_limit(), 256 * 1024 * 1024))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)  # slots: ~40% less memory per item
@@ -114,6 +130,9 @@ def _number(raw, name, default=None):
         if default is None:
             raise ValueError(f'{name} is empty')
         return default
+    if isinstance(raw, str) and not raw.isascii():
+        # float() reads other scripts' digits ("١٢" is 12.0); a manifest number is ASCII.
+        raise ValueError(f'{name} {raw!r} is not a number written with ASCII digits')
     try:
         value = float(raw)
     except (TypeError, ValueError):
@@ -162,14 +181,53 @@ def _check_image(path, rel, check_images):
         # Image.open reads only the header, so this stays cheap for large galleries; a file
         # whose pixels are corrupt is caught later by the indexer and skipped with a reason.
         try:
-            with Image.open(path) as image:
+            with _open_quietly(path) as image:
                 width, height = image.size
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f'image file {rel!r} is over the pixel budget ({exc}); tile or '
+                             'downscale it, or remove the row') from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ValueError(f'image file {rel!r} is not a readable image ({exc}); replace the '
                              'file or remove the row') from None
         if not width or not height:
             raise ValueError(f'image file {rel!r} has no pixels; replace the file or remove '
                              'the row')
+        _check_pixels(width, height, rel)
+
+
+def _open_quietly(path):
+    """Image.open without PIL's bomb warning: the pixel budget is checked here instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _check_pixels(width, height, rel):
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f'image file {rel!r} is {width} x {height} = {width * height / 1e6:.0f} Mpx, over '
+            f'the pixel budget of {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx; tile it (e.g. `cgrs gallery '
+            'from-geotiff`) or downscale it, or remove the row')
+
+
+def decode_image(path, max_side=MAX_DECODED_SIDE):
+    """Decode an image fully as RGB within the pixel budget, shrunk to ``max_side``.
+
+    Raises ValueError for an image over :data:`MAX_IMAGE_PIXELS` and the decoder's own errors
+    for corrupt data. JPEGs are decoded at a reduced scale when that is enough (``draft``).
+    """
+    try:
+        image = _open_quietly(path)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f'{path} is over the pixel budget ({exc})') from None
+    with image:
+        _check_pixels(*image.size, str(path))
+        image.draft('RGB', (max_side, max_side))
+        image.load()
+        image = image.convert('RGB')
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.BICUBIC)
+    return image
 
 
 def _parse_row(row, root, check_images):
@@ -182,6 +240,10 @@ def _parse_row(row, root, check_images):
     if not _inside(rel):
         raise ValueError(f'path {rel!r} points outside the gallery folder; use a path relative '
                          'to the folder that holds the manifest')
+    for name, value in row.items():
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            raise ValueError(f'field {name} is {len(value)} characters, more than '
+                             f'{MAX_FIELD_CHARS}; shorten it')
     lat = _number(row.get('lat'), 'lat')
     lon = _number(row.get('lon'), 'lon')
     if not -90.0 <= lat <= 90.0:
@@ -189,6 +251,9 @@ def _parse_row(row, root, check_images):
     if not -180.0 <= lon <= 180.0:
         raise ValueError(f'lon {lon} is out of range [-180, 180]')
     alt = _number(row.get('alt'), 'alt', default=0.0)
+    if not ALT_RANGE_M[0] <= alt <= ALT_RANGE_M[1]:
+        raise ValueError(f'alt {alt} is out of range [{ALT_RANGE_M[0]:.0f}, '
+                         f'{ALT_RANGE_M[1]:.0f}] m (WGS84 ellipsoidal height)')
     heading = _number(row.get('heading_deg'), 'heading_deg', default=0.0) % 360.0
     platform = str(row.get('platform') or '').strip().lower()
     if platform not in PLATFORMS:

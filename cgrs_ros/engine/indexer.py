@@ -22,12 +22,11 @@ from cgrs_ros.engine.captions import (caption_source_for, caption_store_path, Ca
 from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder,
                                       load_text_encoder, text_encoder_identity)
 from cgrs_ros.engine.errors import ConfigError, GalleryError
-from cgrs_ros.engine.gallery import load_gallery
+from cgrs_ros.engine.gallery import decode_image, load_gallery
 from cgrs_ros.engine.retriever import build_image_index, image_index_fingerprint, image_index_path
 from cgrs_ros.engine.storage import (default_state_dir, EmbeddingStore, FileHashCache, read_json,
                                      sha256_text)
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 CHECKPOINT_ROWS = 1024
@@ -75,13 +74,6 @@ class IndexSummary:
         return out
 
 
-def _decode(path):
-    """Open an image fully (pixels, not just the header) as RGB; raises on corrupt data."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert('RGB')
-
-
 def _chunks(seq, size):
     for start in range(0, len(seq), size):
         yield seq[start:start + size]
@@ -103,7 +95,7 @@ def _embed_images(todo, path_of_hash, platform_of_hash, config, store, hash_cach
             images, keys, platforms = [], [], []
             for content in batch:
                 try:
-                    images.append(_decode(path_of_hash[content]))
+                    images.append(decode_image(path_of_hash[content]))
                     keys.append(content)
                     platforms.append(platform_of_hash[content])
                 except Exception as exc:  # any decoder error: skip this image, keep going

@@ -8,7 +8,7 @@ batch, optimizer, seed, device).
 from pathlib import Path
 from typing import Literal, Optional
 
-from cgrs_ros.engine.config import _first_error, _merge, _Section
+from cgrs_ros.engine.config import _first_error, _merge, _Section, safe_load_yaml
 from cgrs_ros.engine.errors import ConfigError
 from pydantic import Field, ValidationError
 import yaml
@@ -110,7 +110,8 @@ def load_train_config(path=None, overrides=None):
     if path is not None:
         source = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding='utf-8')) or {}
+            data = safe_load_yaml(Path(path).read_text(encoding='utf-8'),
+                                  f'train config {path}') or {}
         except OSError as exc:
             raise ConfigError(f'cannot read train config {path} ({exc.strerror}); pass an '
                               'existing YAML file') from None

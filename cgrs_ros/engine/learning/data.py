@@ -137,7 +137,7 @@ def _town_name(folder, used):
 
 def pairs_from_gallery(gallery_dir, town=None):
     """Return the :class:`PairSet` of a described gallery (bad rows skipped, as indexing does)."""
-    gallery = load_gallery(gallery_dir, check_images='exists')
+    gallery = load_gallery(gallery_dir, check_images='header')
     if not gallery.items:
         raise GalleryError(f'no usable row in the manifest of {gallery_dir}; fix it first')
     town = town or Path(gallery_dir).resolve().name

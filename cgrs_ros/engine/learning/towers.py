@@ -19,7 +19,8 @@ model was trained on are computed by one code path.
 
 import threading
 
-from cgrs_ros.engine.errors import ModelLoadError
+from cgrs_ros.engine.errors import GalleryError, ModelLoadError
+from cgrs_ros.engine.gallery import decode_image
 from cgrs_ros.engine.storage import EmbeddingStore, sha256_file
 from cgrs_ros.engine.torch_compat import ensure_torchvision
 import numpy as np
@@ -137,8 +138,12 @@ class FeatureCache:
             for b in range(0, len(chunk), batch_size):
                 images = []
                 for key in chunk[b:b + batch_size]:
-                    with Image.open(path_of[key]) as image:
-                        images.append(image.convert('RGB'))
+                    try:
+                        images.append(decode_image(path_of[key]))
+                    except Exception as exc:  # any decoder error; features so far are kept
+                        raise GalleryError(
+                            f'image {path_of[key]} cannot be decoded ({exc}); replace it or '
+                            'remove its row, then run again') from None
                 vectors.append(self.tower.features(images))
                 done += len(images)
                 if progress:
