@@ -373,6 +373,17 @@ def test_geotext_annotations_train_with_the_building_as_place(tmp_path, toy):
 
 # ---------------------------------------------------------------------------- bad input
 
+def test_bad_training_rows_are_skipped_and_reported(toy, tmp_path):
+    import shutil
+    folder = tmp_path / 'g'
+    shutil.copytree(toy['train'], folder)
+    with open(folder / 'gallery.csv', 'a') as handle:
+        handle.write('ghost,images/ghost.png,47.0,8.0,400,0,drone,ghost,a ghost tile\n')
+    pairs = load_training_pairs([folder])
+    assert len(pairs.groups) == 6 and len(pairs.problems) == 1
+    assert 'line 14' in pairs.problems[0] and 'ghost.png' in pairs.problems[0]
+
+
 def test_gallery_without_descriptions_is_refused_with_the_fix(tmp_path):
     gallery = toy_gallery(tmp_path / 'g', 0, descriptions=False)
     with pytest.raises(GalleryError, match='no descriptions to learn from.*description column'):

@@ -33,6 +33,10 @@ def run_dual(args):
     cfg = load_train_config(args.config, overrides)
     pairs = load_training_pairs(args.galleries, args.geotext, args.images)
     val_sets = [load_query_set(v) for v in args.val or ()]
+    for problem in pairs.problems[:20]:
+        print(f'skipped: {problem}', file=sys.stderr)
+    if len(pairs.problems) > 20:
+        print(f'skipped: ... and {len(pairs.problems) - 20} more rows', file=sys.stderr)
     print(f'training data: {len(pairs.image_paths)} images, {len(pairs.texts)} texts, '
           f'{len(pairs.groups)} places; validation: '
           f'{", ".join(q.name for q in val_sets) or "none"}', file=sys.stderr, flush=True)

@@ -52,6 +52,7 @@ class PairSet:
     group_town: list = dataclasses.field(default_factory=list)
     group_en: list = dataclasses.field(default_factory=list)        # (east, north) m or None
     sources: list = dataclasses.field(default_factory=list)
+    problems: list = dataclasses.field(default_factory=list)       # skipped rows, one line each
 
     @property
     def text_groups(self):
@@ -93,6 +94,7 @@ class PairSet:
         self.group_town += other.group_town
         self.group_en += other.group_en
         self.sources += other.sources
+        self.problems += other.problems
         return self
 
 
@@ -141,7 +143,8 @@ def pairs_from_gallery(gallery_dir, town=None):
     if not gallery.items:
         raise GalleryError(f'no usable row in the manifest of {gallery_dir}; fix it first')
     town = town or Path(gallery_dir).resolve().name
-    out = PairSet(sources=[str(gallery_dir)])
+    out = PairSet(sources=[str(gallery_dir)],
+                  problems=[f'{gallery.manifest} {p}' for p in gallery.problems])
     group_index, positions = {}, {}
     datum = None
     for item in gallery.items:
@@ -191,6 +194,10 @@ def pairs_from_geotext(ann_path, images_root):
     if not out.image_paths:
         raise GalleryError(f'none of the images of {ann_path} was found under {images_root}; '
                            'point --images at the folder the annotation paths are relative to')
+    out.problems = list(evalset.problems)
+    if missing:
+        out.problems.append(f'{missing} images of {ann_path} were not found under '
+                            f'{images_root}; their captions are left out')
     for query in evalset.queries:
         if query.source_image in image_index:
             out.texts.append(query.text)
