@@ -152,10 +152,13 @@ def test_drone_flies_to_the_goal_and_reports_its_fix(drone):
     assert speeds[-1] < 0.5
 
     # The fix is the odometry position through the datum (PROJ, not the engine's pymap3d).
-    fix = min(fixes, key=lambda f: abs((f.header.stamp.sec + f.header.stamp.nanosec * 1e-9)
-                                       - (odom.header.stamp.sec
-                                          + odom.header.stamp.nanosec * 1e-9)))
-    assert fix.header.stamp == odom.header.stamp
+    # Pair the newest odometry whose fix (same tick, same stamp) has arrived: the two topics
+    # are delivered independently, so the very last odom may still be waiting for its fix.
+    by_stamp = {(f.header.stamp.sec, f.header.stamp.nanosec): f for f in fixes}
+    odom = next(o for o in reversed(odoms)
+                if (o.header.stamp.sec, o.header.stamp.nanosec) in by_stamp)
+    fix = by_stamp[(odom.header.stamp.sec, odom.header.stamp.nanosec)]
+    p = odom.pose.pose.position
     lat, lon, alt = _enu_to_lla(p.x, p.y, p.z, DATUM)
     assert (fix.latitude, fix.longitude) == pytest.approx((lat, lon), abs=1e-9)
     assert fix.altitude == pytest.approx(alt, abs=1e-4)

@@ -55,7 +55,12 @@ class CaptionerSettings(pydantic.BaseModel):
     # openai backend
     base_url: str = 'http://127.0.0.1:8000/v1'
     api_key_env: Optional[str] = 'OPENAI_API_KEY'
-    timeout_s: float = pydantic.Field(60.0, gt=0)
+    timeout_s: float = pydantic.Field(
+        60.0, gt=0, description='Total seconds per request: connecting, waiting and reading.')
+    max_response_bytes: int = pydantic.Field(
+        1_048_576, ge=1024, description='Largest answer read from the endpoint (openai).')
+    max_caption_chars: int = pydantic.Field(
+        2000, ge=16, description='Longer captions are cut at a word boundary.')
     max_retries: int = pydantic.Field(3, ge=0, le=20)
     retry_backoff_s: float = pydantic.Field(1.0, ge=0, description='First retry delay; doubles.')
     concurrency: int = pydantic.Field(4, ge=1, le=256)

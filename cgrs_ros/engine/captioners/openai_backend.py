@@ -19,6 +19,7 @@ import urllib.parse
 from cgrs_ros.engine.captioners.base import Captioner, CaptionOutcome
 from cgrs_ros.engine.captioners.prompts import PromptSet
 from cgrs_ros.engine.errors import ConfigError
+from cgrs_ros.engine.http import BoundedHTTPError, post_json
 import requests
 
 logger = logging.getLogger(__name__)
@@ -146,9 +147,12 @@ class OpenAICaptioner(Captioner):
         for attempt in range(attempts):
             wait = 0.0
             try:
-                response = self._session().post(self.url, json=body, timeout=s.timeout_s)
-            except requests.Timeout:
-                problem = f'no answer from {self.url} within {s.timeout_s:g} s'
+                response = post_json(self._session(), self.url, body, s.timeout_s,
+                                     s.max_response_bytes)
+            except BoundedHTTPError as exc:
+                if exc.kind != 'deadline':  # too large or a redirect: retrying cannot help
+                    return CaptionOutcome(error=str(exc))
+                problem = str(exc)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 problem = f'connection to {self.url} failed ({type(exc).__name__})'
             except requests.RequestException as exc:
@@ -181,4 +185,7 @@ class OpenAICaptioner(Captioner):
                 error=f'{self.url} answered 200 but not with a chat completion ({exc!r})')
         if not text:
             return CaptionOutcome(error='the endpoint returned an empty caption')
+        limit = self._settings.max_caption_chars
+        if len(text) > limit:  # keep whole words; the store and the text encoder stay bounded
+            text = text[:limit].rsplit(' ', 1)[0] if ' ' in text[:limit] else text[:limit]
         return CaptionOutcome(caption=text)
