@@ -22,7 +22,9 @@ def _nodes(context):
              namespace=spec.namespace, parameters=spec.parameters,
              remappings=spec.remappings, output='screen',
              arguments=['--ros-args', '--log-level', spec.log_level],
-             on_exit=Shutdown() if spec.required else None)
+             respawn=spec.respawn, respawn_delay=spec.respawn_delay,
+             respawn_max_retries=spec.respawn_max_retries,
+             on_exit=Shutdown() if spec.required and not spec.respawn else None)
         for spec in stack.node_specs(values)
     ]
 

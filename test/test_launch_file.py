@@ -63,10 +63,21 @@ def test_sim_adds_the_simulated_drone_with_the_same_parameters():
 @pytest.mark.parametrize('given, message', [
     ({'gallery': '/x'}, "unknown launch argument 'gallery'"),
     ({'use_sim_time': 'yes'}, 'use_sim_time:=yes is not one of true, false'),
+    ({'respawn_delay': 'soon'}, 'respawn_delay:=soon and respawn_max_retries:=5 must be'),
+    ({'respawn_max_retries': '-2'}, 'respawn_max_retries -1 or more'),
 ])
 def test_bad_launch_arguments_are_named(given, message):
     with pytest.raises(ConfigError, match=message):
         stack.resolve_arguments(given)
+
+
+def test_respawn_reaches_every_node_and_keeps_required_ones_from_stopping_the_stack():
+    default = stack.node_specs(stack.resolve_arguments({}))
+    assert not any(spec.respawn for spec in default)
+    specs = stack.node_specs(stack.resolve_arguments(
+        {'respawn': 'true', 'respawn_delay': '1.5', 'respawn_max_retries': '3', 'sim': 'true'}))
+    assert [(s.respawn, s.respawn_delay, s.respawn_max_retries) for s in specs] == [
+        (True, 1.5, 3)] * 3
 
 
 def test_assignments_must_use_colon_equals():
@@ -108,5 +119,6 @@ def test_launch_file_builds_nodes_only_from_the_shared_spec():
                   if isinstance(node, ast.Call) and ast.unparse(node.func) == 'Node']
     assert len(node_calls) == 1  # one Node(...) per spec, inside a comprehension
     keywords = {kw.arg: ast.unparse(kw.value) for kw in node_calls[0].keywords}
-    for name in ('package', 'executable', 'name', 'namespace', 'parameters', 'remappings'):
+    for name in ('package', 'executable', 'name', 'namespace', 'parameters', 'remappings',
+                 'respawn', 'respawn_delay', 'respawn_max_retries'):
         assert keywords[name] == f'spec.{name}', name

@@ -5,6 +5,7 @@ and by action and checks what comes back against values computed independently (
 for the map-frame position, the manifest for lat/lon).
 """
 
+import json
 import math
 import os
 import subprocess
@@ -348,6 +349,41 @@ def test_ctrl_c_stops_the_stack_cleanly(gallery, tmp_path, ros_domain):
     text = ''.join(lines) + out
     assert proc.returncode == 0, text
     assert 'all nodes stopped' in text
+
+
+def test_respawn_brings_a_killed_node_back(gallery, ros_domain):
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={gallery["params"]}',
+         'captioning:=false', 'respawn:=true', 'respawn_delay:=0.5',
+         'respawn_max_retries:=1'],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, pids, readies = [], [], 0
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith('[cgrs launch] retrieval_node (pid '):
+                pids.append(int(line.split('(pid ')[1].split(')')[0]))
+            if 'ready:' in line:
+                readies += 1
+                if readies == 1:
+                    os.kill(pids[-1], 9)  # a crash
+                else:
+                    break
+            assert time.monotonic() < deadline, ''.join(lines)
+        text = ''.join(lines)
+        assert 'retrieval_node exited with -9; restarting in 0.5 s (restart 1 of 1)' in text
+        assert len(pids) == 2 and readies == 2, text
+        # The restarted node answers goals over DDS.
+        goal = subprocess.run([sys.executable, '-m', 'cgrs_ros.cli', 'goal', '--json',
+                               'the round pond with trees'], capture_output=True, text=True,
+                              timeout=120)
+        assert goal.returncode == 0, goal.stdout + goal.stderr
+        assert json.loads(goal.stdout)['candidates'][0]['image_id'] == 'pond'
+    finally:
+        proc.send_signal(2)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, ''.join(lines) + out
 
 
 def test_killing_the_launcher_does_not_orphan_the_nodes(gallery, ros_domain):

@@ -4,7 +4,9 @@ It starts the nodes of ``launch/navigation.launch.py`` as processes, with the sa
 arguments, parameters, remappings and log levels, because both read
 ``cgrs_ros.nodes.stack``. Output lines are prefixed with the node name, as ``ros2 launch``
 does. Ctrl-C (SIGINT) or SIGTERM stops every node cleanly (SIGINT, then SIGTERM, then SIGKILL
-after grace periods); when a required node exits, the others are stopped too.
+after grace periods); when a required node exits, the others are stopped too. With
+``respawn:=true`` a node that exits is restarted after ``respawn_delay`` seconds, at most
+``respawn_max_retries`` times, as launch_ros's ``respawn`` does.
 """
 
 import ctypes
@@ -57,32 +59,63 @@ class Stack:
     """The running node processes of one ``cgrs launch``."""
 
     def __init__(self, specs, env=None):
-        from cgrs_ros.nodes import stack
         self.specs = specs
-        self.procs = []
-        lock = threading.Lock()
-        for spec in specs:
-            cmd = stack.command(spec)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1, env=env or dict(os.environ),
-                                    start_new_session=True,
-                                    preexec_fn=_die_with_parent if sys.platform == 'linux'
-                                    else None)
-            print(f'[cgrs launch] {spec.name} (pid {proc.pid}): {" ".join(cmd)}', flush=True)
-            threading.Thread(target=_pump, args=(spec.name, proc.stdout, lock),
-                             daemon=True).start()
-            self.procs.append(proc)
+        self.env = env or dict(os.environ)
+        self.procs = [None] * len(specs)
+        self.restarts = [0] * len(specs)
+        self._restart_at = [None] * len(specs)
+        self._lock = threading.Lock()
+        for i in range(len(specs)):
+            self._start(i)
+
+    def _start(self, i):
+        from cgrs_ros.nodes import stack
+        spec = self.specs[i]
+        cmd = stack.command(spec)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, env=self.env, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == 'linux'
+                                else None)
+        print(f'[cgrs launch] {spec.name} (pid {proc.pid}): {" ".join(cmd)}', flush=True)
+        threading.Thread(target=_pump, args=(spec.name, proc.stdout, self._lock),
+                         daemon=True).start()
+        self.procs[i] = proc
+
+    def _may_restart(self, i):
+        spec = self.specs[i]
+        return spec.respawn and (spec.respawn_max_retries < 0
+                                 or self.restarts[i] < spec.respawn_max_retries)
 
     def wait(self, stop_event):
-        """Wait until a required node exits, all nodes exit, or ``stop_event`` is set."""
+        """Wait until a required node exits, all nodes exit, or ``stop_event`` is set.
+
+        With respawn, a node that exits is started again after its delay, as launch_ros's
+        ``respawn`` does, until its retries are used up; then it stays down.
+        """
         while not stop_event.is_set():
             codes = [proc.poll() for proc in self.procs]
-            for spec, code in zip(self.specs, codes):
-                if code is not None and spec.required:
+            for i, (spec, code) in enumerate(zip(self.specs, codes)):
+                if code is None:
+                    continue
+                if self._may_restart(i):
+                    now = time.monotonic()
+                    if self._restart_at[i] is None:
+                        self._restart_at[i] = now + spec.respawn_delay
+                        print(f'[cgrs launch] {spec.name} exited with {code}; restarting in '
+                              f'{spec.respawn_delay:g} s (restart {self.restarts[i] + 1}'
+                              + (f' of {spec.respawn_max_retries})'
+                                 if spec.respawn_max_retries >= 0 else ')'), flush=True)
+                    elif now >= self._restart_at[i]:
+                        self._restart_at[i] = None
+                        self.restarts[i] += 1
+                        self._start(i)
+                        codes[i] = None
+                elif spec.required and not spec.respawn:
                     print(f'[cgrs launch] required node {spec.name} exited with {code}; '
                           'stopping the stack', flush=True)
                     return code
-            if all(code is not None for code in codes):
+            if all(code is not None for code in codes) and not any(
+                    self._may_restart(i) for i in range(len(self.specs))):
                 return max(codes)
             stop_event.wait(0.2)
         return 0

@@ -38,6 +38,11 @@ class NodeSpec:
     log_level: str = 'info'
     required: bool = False        # the stack shuts down when a required node exits
     package: str = PACKAGE
+    # launch_ros's respawn: restart the node after respawn_delay s when it exits, at most
+    # respawn_max_retries times (-1: no limit); a respawning node does not stop the stack.
+    respawn: bool = False
+    respawn_delay: float = 0.0
+    respawn_max_retries: int = -1
 
 
 def share_path(relative):
@@ -70,6 +75,11 @@ def launch_arguments():
                        ('true', 'false')),
         LaunchArgument('sim', 'false', 'Start sim_drone, a simulated drone that flies to '
                        '/goal_pose and publishes odom, fix and status', ('true', 'false')),
+        LaunchArgument('respawn', 'false', 'Restart a node that exits (a crash is a blip, not '
+                       'a landing) instead of stopping the stack', ('true', 'false')),
+        LaunchArgument('respawn_delay', '2.0', 'Seconds before a node is restarted'),
+        LaunchArgument('respawn_max_retries', '5',
+                       'Restarts per node before it is left down; -1 = no limit'),
     )
 
 
@@ -86,7 +96,23 @@ def resolve_arguments(given=None):
             raise ConfigError(
                 f'launch argument {name}:={value} is not one of {", ".join(choices)}')
         values[name] = value.lower() if choices else value
+    _respawn_settings(values)  # validates the numbers now, not when a node dies
     return values
+
+
+def _respawn_settings(values):
+    """Return (respawn, delay s, max retries) of resolved values; ConfigError if malformed."""
+    try:
+        delay = float(values['respawn_delay'])
+        retries = int(values['respawn_max_retries'])
+    except ValueError:
+        raise ConfigError(
+            f'respawn_delay:={values["respawn_delay"]} and respawn_max_retries:='
+            f'{values["respawn_max_retries"]} must be a number of seconds and a whole number'
+            ) from None
+    if not 0.0 <= delay <= 3600.0 or retries < -1:
+        raise ConfigError('respawn_delay must be 0-3600 s and respawn_max_retries -1 or more')
+    return values['respawn'] == 'true', delay, retries
 
 
 def _overrides(values):
@@ -101,6 +127,7 @@ def _overrides(values):
 def node_specs(values):
     """Return the nodes to start for resolved launch-argument ``values``."""
     parameters = [values['params_file'], _overrides(values)]
+    respawn, delay, retries = _respawn_settings(values)
     nodes = [
         NodeSpec(executable='retrieval_node', module='cgrs_ros.nodes.retrieval_node',
                  name='retrieval_node', namespace=values['namespace'],
@@ -116,6 +143,8 @@ def node_specs(values):
             NodeSpec(executable='sim_drone', module='cgrs_ros.nodes.sim_drone',
                      name='sim_drone', namespace=values['namespace'],
                      parameters=parameters, log_level=values['log_level']))
+    for spec in nodes:
+        spec.respawn, spec.respawn_delay, spec.respawn_max_retries = respawn, delay, retries
     return nodes
 
 
