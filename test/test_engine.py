@@ -296,6 +296,10 @@ def test_unindexed_gallery_and_bad_queries(gallery, config):
     for text in ('\u200b', '\x07', '\U0001f681'):  # nothing to search for
         with pytest.raises(QueryError, match='no letters or digits'):
             retriever.query(text)
+    # The relevance floor: an off-topic goal matches nothing (candidates still listed).
+    off_topic = retriever.query('set an alarm for seven tomorrow morning')
+    assert 'under retrieval.min_caption_score 0.3' in off_topic.no_match
+    assert off_topic.candidates and off_topic.to_dict()['no_match'] == off_topic.no_match
     with pytest.raises(QueryError, match="platform 'boat'"):
         retriever.query('a house', platform='boat')
     with pytest.raises(QueryError, match='top_k 0'):

@@ -236,6 +236,19 @@ def test_malformed_topic_goals_are_refused_and_the_node_lives_on(stack, text, re
     assert probe.count('pose') == poses_before + 1  # only the good goal moved the drone
 
 
+def test_an_off_topic_goal_matches_nothing_and_sends_no_pose(stack):
+    probe = stack['probe']
+    poses_before = probe.count('pose')
+    result = probe.say('set an alarm for seven tomorrow morning')
+    assert result.status == RetrievalResult.STATUS_NO_MATCH
+    assert 'under retrieval.min_caption_score' in result.error
+    assert result.candidates  # shown to whoever asks, but nothing is flown to
+    ok = probe.say('the round pond with trees')
+    assert ok.status == RetrievalResult.STATUS_OK
+    probe.wait_for(lambda h: len(h['pose']) > poses_before, what='/goal_pose')
+    assert probe.count('pose') == poses_before + 1
+
+
 def test_undecodable_goal_bytes_are_refused(stack):
     probe = stack['probe']
     bad = b'\xff\xfe\x80 not utf-8'

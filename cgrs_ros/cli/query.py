@@ -25,6 +25,8 @@ def format_result(result):
                      f'{_score(cand.caption_score):>7}  {caption}')
     if not result.candidates:
         lines.append('  (no match: is the platform filter too narrow?)')
+    elif result.no_match:
+        lines.append(f'no match: {result.no_match}')
     timings = ', '.join(f'{k} {v:.1f} ms' for k, v in result.timings_ms.items())
     lines.append(f'time: {timings}')
     return lines

@@ -107,6 +107,10 @@ class RetrievalConfig(_Section):
     # Drop a leading spoken command ("fly to", "take me to", "can you go over to") from the
     # query before encoding it: it says what to do, not what the place looks like.
     remove_command_words: bool = True
+    # Relevance floor: when the best caption similarity among the candidates is under this,
+    # the query matches nothing here (QueryResult.no_match; the node answers STATUS_NO_MATCH
+    # and publishes no pose). Calibrated for all-MiniLM-L6-v2 (README); null = off.
+    min_caption_score: Optional[float] = Field(0.3, ge=-1.0, le=1.0)
 
     @field_validator('remove_orientation_words', mode='before')
     @classmethod

@@ -78,18 +78,23 @@ class Candidate:
 
 @dataclasses.dataclass
 class QueryResult:
-    """The answer to one query: ranked candidates and where the time went (milliseconds)."""
+    """The answer to one query: ranked candidates and where the time went (milliseconds).
+
+    ``no_match`` is empty, or the reason the query matches nothing in this gallery (the
+    relevance floor, ``retrieval.min_caption_score``); the candidates are still listed.
+    """
 
     query: str
     normalized_query: str
     candidates: list
     timings_ms: dict
+    no_match: str = ''
 
     def to_dict(self):
         """Return the ``cgrs query --json`` shape."""
         return {'query': self.query, 'normalized_query': self.normalized_query,
                 'candidates': [c.to_dict() for c in self.candidates],
-                'timings_ms': dict(self.timings_ms)}
+                'timings_ms': dict(self.timings_ms), 'no_match': self.no_match}
 
 
 def image_index_fingerprint(identity, items, hashes):
@@ -426,6 +431,15 @@ class Retriever:
                 caption_scores = caption_index.scores_for(
                     items, np.stack(caption_q)[self._codes[items]])
         fused = fuse(coarse_scores, caption_scores, cfg.fusion, cfg.caption_weight, cfg.rrf_k)
+        no_match = ''
+        if caption_scores is not None and cfg.min_caption_score is not None:
+            finite = caption_scores[np.isfinite(caption_scores)]
+            best = float(finite.max()) if len(finite) else float('-inf')
+            if best < cfg.min_caption_score:
+                no_match = (f'nothing here matches the goal: the best caption similarity is '
+                            f'{best:.2f}, under retrieval.min_caption_score '
+                            f'{cfg.min_caption_score:g}; describe the place (what it is, its '
+                            'colours, what is near it)')
         order = np.argsort(-fused, kind='stable')[:top_k]
         candidates = []
         for rank, pos in enumerate(order, start=1):
@@ -444,7 +458,7 @@ class Retriever:
                    'rerank': (end - t_coarse) * 1e3, 'total': (end - start) * 1e3}
         reported = normalized if cfg.remove_orientation_words != 'false' else said
         return QueryResult(query=text, normalized_query=reported, candidates=candidates,
-                           timings_ms=timings)
+                           timings_ms=timings, no_match=no_match)
 
 
 def build_image_index(gallery, hashes, keys, matrix):

@@ -47,7 +47,10 @@ def result_message(query_result, datum, frame_id, stamp, platform=''):
             pose=pose_in_map(cand.lat, cand.lon, cand.alt, cand.heading_deg, datum),
             coarse_score=_score(cand.coarse_score), caption_score=_score(cand.caption_score),
             fused_score=_score(cand.fused_score), caption=cand.caption or ''))
-    if not msg.candidates:
+    if query_result.no_match:  # the relevance floor: candidates shown, no pose sent
+        msg.status = RetrievalResult.STATUS_NO_MATCH
+        msg.error = query_result.no_match
+    elif not msg.candidates:
         msg.status = RetrievalResult.STATUS_NO_MATCH
         msg.error = ('no gallery image matched: the gallery is empty or the platform filter '
                      f'{platform!r} excludes every image; widen the filter or index images.')
