@@ -187,13 +187,18 @@ class CaptioningNode(Node):
                 self._requested = False
                 self._running = True
                 self._runs += 1
+            final = None
             try:
-                self._run_once()
+                final = self._run_once()
             finally:
                 with self._cond:
                     self._running = False
+                # Published only now: whoever sees the run's end may rescan at once.
+                if final:
+                    self._set_status(**final)
 
     def _run_once(self):
+        """Run one captioning pass; return the final ~/progress fields (published by _work)."""
         from cgrs_ros.engine.captioning import run_captioning
         self._set_status(state='running', done=0, total=0, failed=0, rate=0.0, eta_s=None,
                          new_captions=0, run=self._runs,
@@ -206,13 +211,11 @@ class CaptioningNode(Node):
                 batch_size=self.params['batch_size'] or None, progress=self._on_progress,
                 stop=self._stop, load_captioner=lambda: self._loaded_captioner(config))
         except CgrsError as exc:
-            self._set_status(state='error', message=str(exc))
             self.get_logger().error(f'captioning failed: {exc}')
-            return
+            return {'state': 'error', 'message': str(exc)}
         except Exception as exc:  # keep the node alive and say why on ~/progress
-            self._set_status(state='error', message=f'{type(exc).__name__}: {exc}')
             self.get_logger().error(f'captioning failed: {type(exc).__name__}: {exc}')
-            return
+            return {'state': 'error', 'message': f'{type(exc).__name__}: {exc}'}
         state = 'aborted' if summary.aborted else 'stopped' if summary.stopped else 'done'
         message = (f'{summary.new_captions} captioned, {summary.new_failures} failed this run '
                    f'in {time.monotonic() - started:.1f} s; {summary.captioned} of '
@@ -222,14 +225,14 @@ class CaptioningNode(Node):
             message = f'{summary.aborted}; {message}'
         if summary.embedding_error:
             message += f'; {summary.embedding_error}'
-        self._set_status(state=state, captioned=summary.captioned, gallery=summary.total,
-                         captioner=summary.captioner, message=message)
         if summary.aborted:
             self.get_logger().warning(f'captioning {state}: {message}')
         else:
             self.get_logger().info(f'captioning {state}: {message}')
         for failure in summary.failures[:20]:
             self.get_logger().warning(f'no caption: {failure}')
+        return {'state': state, 'captioned': summary.captioned, 'gallery': summary.total,
+                'captioner': summary.captioner, 'message': message}
 
     def _loaded_captioner(self, config):
         """Return the captioner, loaded once and kept for later rescans (loading costs seconds)."""
