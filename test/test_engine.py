@@ -97,7 +97,8 @@ def test_index_and_query_end_to_end(gallery, config, make_png):
     fused = [c.fused_score for c in result.candidates]
     assert fused == sorted(fused, reverse=True)
     data = json.loads(json.dumps(result.to_dict()))
-    assert set(data) == {'query', 'normalized_query', 'candidates', 'timings_ms'}
+    assert set(data) == {'query', 'normalized_query', 'candidates', 'timings_ms', 'no_match'}
+    assert data['no_match'] == ''  # a real description clears the relevance floor
     assert set(data['timings_ms']) == {'encode', 'coarse', 'rerank', 'total'}
     first = data['candidates'][0]
     assert {'rank', 'image_id', 'platform', 'lat', 'lon', 'alt', 'heading_deg', 'caption',
