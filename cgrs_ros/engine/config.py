@@ -202,30 +202,40 @@ def _first_error(exc, source):
     return ConfigError(f'{source}: {where}: {message}')
 
 
+def read_config_data(path, overrides, what, sections):
+    """Return the mapping of YAML file ``path`` (None: empty) with ``overrides`` merged in.
+
+    ``what`` names the file in errors ('config file', 'train config'), ``sections`` lists the
+    sections a user should write. The engine and the train configs both read through here.
+    """
+    data = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding='utf-8')
+        except OSError as exc:
+            raise ConfigError(f'cannot read {what} {path} ({exc.strerror}); pass an '
+                              'existing YAML file') from None
+        try:
+            data = safe_load_yaml(text, f'{what} {path}') or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f'{what} {path} is not valid YAML ({exc}); fix the '
+                              'syntax') from None
+        if not isinstance(data, dict):
+            raise ConfigError(f'{what} {path} must hold a mapping of sections ({sections})')
+    if overrides:
+        data = _merge(data, dict(overrides))
+    return data
+
+
 def load_config(path=None, overrides=None):
     """Return the validated :class:`EngineConfig` from a YAML file (None = defaults).
 
     ``overrides`` is a dict applied on top of the file: nested sections or dotted keys
     (``{'retrieval.top_k': 3, 'image_encoder': {'backend': 'none'}}``).
     """
-    data, source = {}, 'engine config'
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding='utf-8')
-        except OSError as exc:
-            raise ConfigError(f'cannot read config file {path} ({exc.strerror}); pass an '
-                              'existing YAML file') from None
-        try:
-            data = safe_load_yaml(text, f'config file {path}') or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f'config file {path} is not valid YAML ({exc}); fix the '
-                              'syntax') from None
-        if not isinstance(data, dict):
-            raise ConfigError(f'config file {path} must hold a mapping of sections '
-                              '(image_encoder, text_encoder, captioner, retrieval)')
-    if overrides:
-        data = _merge(data, dict(overrides))
+    source = 'engine config' if path is None else str(path)
+    data = read_config_data(path, overrides, 'config file',
+                            'image_encoder, text_encoder, captioner, retrieval')
     try:
         config = EngineConfig.model_validate(data)
     except ValidationError as exc:

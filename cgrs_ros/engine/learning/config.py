@@ -5,13 +5,10 @@ train), ``loss`` (multi-positive InfoNCE, soft labels, hard negatives), ``train`
 batch, optimizer, seed, device).
 """
 
-from pathlib import Path
 from typing import Literal, Optional
 
-from cgrs_ros.engine.config import _first_error, _merge, _Section, safe_load_yaml
-from cgrs_ros.engine.errors import ConfigError
+from cgrs_ros.engine.config import _first_error, _Section, read_config_data
 from pydantic import Field, ValidationError
-import yaml
 
 
 class ModelSection(_Section):
@@ -106,23 +103,8 @@ class TrainConfig(_Section):
 
 def load_train_config(path=None, overrides=None):
     """Return the validated :class:`TrainConfig` of a YAML file (None = defaults) + overrides."""
-    data, source = {}, 'train config'
-    if path is not None:
-        source = str(path)
-        try:
-            data = safe_load_yaml(Path(path).read_text(encoding='utf-8'),
-                                  f'train config {path}') or {}
-        except OSError as exc:
-            raise ConfigError(f'cannot read train config {path} ({exc.strerror}); pass an '
-                              'existing YAML file') from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f'train config {path} is not valid YAML ({exc}); fix the '
-                              'syntax') from None
-        if not isinstance(data, dict):
-            raise ConfigError(f'train config {path} must hold a mapping of sections (model, '
-                              'loss, train)')
-    if overrides:
-        data = _merge(data, dict(overrides))
+    source = 'train config' if path is None else str(path)
+    data = read_config_data(path, overrides, 'train config', 'model, loss, train')
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
