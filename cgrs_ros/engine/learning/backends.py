@@ -29,29 +29,24 @@ import torch
 from tqdm import tqdm
 
 
-def text_features(texts, text_model, cache_root, device='cpu', progress=None):
-    """Frozen sentence-encoder features (normalized) of texts, cached by text hash."""
+def text_features(texts, text_model, cache_root, device='cpu'):
+    """Frozen sentence-encoder features (normalized) of texts, cached by text hash.
+
+    The cache is the text embedding store the engine keeps for captions, filled by the same
+    function (indexer.embed_caption_texts), here under ``cache_root``.
+    """
     from cgrs_ros.engine.config import TextEncoderConfig
-    from cgrs_ros.engine.encoders import load_text_encoder, text_encoder_identity
+    from cgrs_ros.engine.encoders import text_encoder_identity
+    from cgrs_ros.engine.indexer import embed_caption_texts
 
     cfg = TextEncoderConfig(model=text_model, device=device)
+    embed_caption_texts(cache_root, cfg, texts)
     identity = text_encoder_identity(cfg)
-    store = EmbeddingStore.for_encoder(cache_root, 'text', identity)
     keys = [sha256_text(t) for t in texts]
-    found_keys, found = store.lookup(set(keys))
-    vector_of = dict(zip(found_keys, found))
-    todo = list(dict.fromkeys(k for k in keys if k not in vector_of))
-    if todo:
-        encoder = load_text_encoder(cfg)
-        text_of = dict(zip(keys, texts))
-        for start in range(0, len(todo), 4096):
-            chunk = todo[start:start + 4096]
-            vectors = encoder.encode_texts([text_of[k] for k in chunk])
-            store.add(chunk, vectors)
-            vector_of.update(zip(chunk, vectors))
-            if progress:
-                progress(min(start + 4096, len(todo)))
-    return np.stack([vector_of[k] for k in keys]).astype(np.float32), identity
+    found_keys, found = EmbeddingStore.for_encoder(cache_root, 'text', identity).lookup(
+        set(keys))
+    row_of = {key: row for row, key in enumerate(found_keys)}
+    return np.ascontiguousarray(found[[row_of[k] for k in keys]], dtype=np.float32), identity
 
 
 class HeadsBackend:

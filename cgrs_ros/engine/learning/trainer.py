@@ -311,6 +311,9 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
         optimizer.load_state_dict(opt_state)
         history, best, val_before = info['history'], info.get('best'), info.get('val_before')
         start_epoch = resumed_from = info['epoch'] + 1
+        if start_epoch > tc.epochs:
+            raise TrainingError(f'{out} already holds a finished run of {tc.epochs} epochs; '
+                                'raise train.epochs to continue it, or pass --restart')
         say(f'resuming from the checkpoint of epoch {info["epoch"]} in {out / CHECKPOINT_DIR}')
 
     # Validation queries go through the engine's default query normalization (a spoken
@@ -385,9 +388,6 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
         say(f'epoch {epoch}/{tc.epochs} (stage {stage}): loss {entry["loss"]:.4f}{val_text}, '
             f'{entry["pairs_per_s"]:.0f} pairs/s, {seconds:.1f} s')
 
-    if start_epoch > tc.epochs:
-        raise TrainingError(f'{out} already holds a finished run of {tc.epochs} epochs; raise '
-                            'train.epochs to continue it, or pass --restart')
     # Export the best epoch's weights.
     best_state = load_checkpoint(out, 'best') if best else None
     if best_state is not None:
