@@ -357,9 +357,8 @@ class Retriever:
         Satellite rows get the satellite text, the others the other text; an image encoder
         with platform experts also projects the query by each platform's expert.
         """
-        per_platform = getattr(encoder, 'encode_texts_per_platform', None)
-        if per_platform is not None and encoder.platform_experts:
-            encoded = per_platform(texts, threads=threads)
+        if getattr(encoder, 'platform_experts', False):  # image encoders with experts only
+            encoded = encoder.encode_texts_per_platform(texts, threads=threads)
         else:
             encoded = np.broadcast_to(encoder.encode_texts(texts, threads=threads),
                                       (len(PLATFORMS), len(texts), encoder.dim))
