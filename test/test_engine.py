@@ -97,13 +97,14 @@ def test_index_and_query_end_to_end(gallery, config, make_png):
     fused = [c.fused_score for c in result.candidates]
     assert fused == sorted(fused, reverse=True)
     data = json.loads(json.dumps(result.to_dict()))
-    assert set(data) == {'query', 'normalized_query', 'candidates', 'timings_ms', 'no_match'}
+    assert set(data) == {'query', 'normalized_query', 'candidates', 'timings_ms', 'no_match',
+                         'rerank'}
     assert data['no_match'] == ''  # a real description clears the relevance floor
-    assert set(data['timings_ms']) == {'encode', 'coarse', 'rerank', 'total'}
+    assert set(data['timings_ms']) == {'encode', 'coarse', 'captions', 'rerank', 'total'}
     first = data['candidates'][0]
     assert {'rank', 'image_id', 'platform', 'lat', 'lon', 'alt', 'heading_deg', 'caption',
             'scores'} <= set(first)
-    assert set(first['scores']) == {'coarse', 'caption', 'fused'}
+    assert set(first['scores']) == {'coarse', 'caption', 'fused', 'rerank', 'final'}
     item = retriever.gallery.get(first['image_id'])
     assert (first['lat'], first['lon'], first['alt'], first['heading_deg']) == (
         item.lat, item.lon, item.alt, item.heading_deg)
@@ -359,7 +360,7 @@ def test_stage_callback_reports_each_stage_and_can_abandon_the_query(gallery, co
     retriever = Retriever.open(gallery, config())
     seen = []
     result = retriever.query('a red roof', on_stage=lambda stage, p: seen.append((stage, p)))
-    assert [stage for stage, _ in seen] == ['encode', 'coarse', 'rerank']
+    assert [stage for stage, _ in seen] == ['encode', 'coarse', 'captions']
     assert [p for _, p in seen] == sorted(p for _, p in seen)
     assert result.candidates
 

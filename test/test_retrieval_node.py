@@ -212,7 +212,7 @@ def test_action_goal_with_feedback_top_k_and_platform_filter(stack):
     deadline = time.monotonic() + 10  # feedback and result travel on different channels
     while 'done' not in stages and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert stages == ['queued', 'encode', 'coarse', 'rerank', 'publish', 'done']
+    assert stages == ['queued', 'encode', 'coarse', 'captions', 'publish', 'done']
 
 
 @pytest.mark.parametrize('text, reason', [

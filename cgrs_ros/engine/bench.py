@@ -166,7 +166,7 @@ def bench_query(gallery_size, image_encoder, text_encoder, n_queries=50, retriev
     for text in QUERIES[:warmup]:
         floor(text)
         query(text)
-    totals, floors, stages, oriented = [], [], {'encode': [], 'coarse': [], 'rerank': []}, []
+    totals, floors, stages, oriented = [], [], {'encode': [], 'coarse': [], 'captions': []}, []
     for i in range(n_queries):
         text = QUERIES[i % len(QUERIES)]
         # Alternate which runs first so caches and load spikes favour neither.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from cgrs_ros.engine.errors import ConfigError
+from cgrs_ros.engine.rerankers.base import RerankerSettings
 from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_validator,
                       ValidationError)
 import yaml
@@ -128,6 +129,8 @@ class EngineConfig(_Section):
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    # The cross-modal third stage (rerankers/); backend none (the default) runs no stage.
+    reranker: RerankerSettings = Field(default_factory=RerankerSettings)
 
 
 # A config is a few hundred YAML nodes; aliases may not blow it up beyond this ("billion
@@ -235,7 +238,7 @@ def load_config(path=None, overrides=None):
     """
     source = 'engine config' if path is None else str(path)
     data = read_config_data(path, overrides, 'config file',
-                            'image_encoder, text_encoder, captioner, retrieval')
+                            'image_encoder, text_encoder, captioner, retrieval, reranker')
     try:
         config = EngineConfig.model_validate(data)
     except ValidationError as exc:
@@ -243,9 +246,10 @@ def load_config(path=None, overrides=None):
     except ConfigError as exc:  # from a captioner backend's own validation
         raise ConfigError(f'{source}: {exc}') from None
     # A model folder shipped next to its config (the demo's) is found from any directory.
-    for section in (config.image_encoder, config.captioner):
+    for section in (config.image_encoder, config.captioner, config.reranker):
         model = getattr(section, 'model', None)
-        if path is not None and section.backend == 'learned' and model and not Path(
+        trained_here = section.backend in ('learned', 'trained')
+        if path is not None and trained_here and model and not Path(
                 model).expanduser().is_absolute():
             section.model = str((Path(path).resolve().parent / model).resolve())
     return config

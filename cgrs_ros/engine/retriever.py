@@ -39,6 +39,8 @@ from cgrs_ros.engine.gallery import load_gallery, PLATFORMS
 from cgrs_ros.engine.index import PLATFORM_CODES, VectorIndex
 from cgrs_ros.engine.query_norm import remove_command_words, remove_orientation_words
 from cgrs_ros.engine.rerank import fuse
+from cgrs_ros.engine.rerankers import make_reranker
+from cgrs_ros.engine.rerankers.stage import run_stage
 from cgrs_ros.engine.storage import (default_state_dir, EmbeddingStore, FileHashCache,
                                      sha256_text)
 import numpy as np
@@ -64,6 +66,8 @@ class Candidate:
     coarse_score: float
     caption_score: float
     fused_score: float
+    rerank_score: float = None   # P(match) from the reranker stage; None when not scored
+    final_score: float = None    # (1 - w) * minmax(fused) + w * rerank, for the scored prefix
 
     def to_dict(self):
         """Return the candidate in the ``cgrs query --json`` shape."""
@@ -72,7 +76,8 @@ class Candidate:
             'lat': self.lat, 'lon': self.lon, 'alt': self.alt, 'heading_deg': self.heading_deg,
             'group_id': self.group_id, 'caption': self.caption,
             'scores': {'coarse': self.coarse_score, 'caption': self.caption_score,
-                       'fused': self.fused_score},
+                       'fused': self.fused_score, 'rerank': self.rerank_score,
+                       'final': self.final_score},
         }
 
 
@@ -82,6 +87,9 @@ class QueryResult:
 
     ``no_match`` is empty, or the reason the query matches nothing in this gallery (the
     relevance floor, ``retrieval.min_caption_score``); the candidates are still listed.
+    ``rerank`` says what the reranker stage did: how many candidates it scored of how many it
+    was given (``scored``, ``of``), whether the time budget stopped it (``budget_hit``), the
+    reranker identity; empty when no stage ran.
     """
 
     query: str
@@ -89,12 +97,14 @@ class QueryResult:
     candidates: list
     timings_ms: dict
     no_match: str = ''
+    rerank: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self):
         """Return the ``cgrs query --json`` shape."""
         return {'query': self.query, 'normalized_query': self.normalized_query,
                 'candidates': [c.to_dict() for c in self.candidates],
-                'timings_ms': dict(self.timings_ms), 'no_match': self.no_match}
+                'timings_ms': dict(self.timings_ms), 'no_match': self.no_match,
+                'rerank': dict(self.rerank)}
 
 
 def image_index_fingerprint(identity, items, hashes):
@@ -128,9 +138,11 @@ class Retriever:
     """Text-to-image geo-retrieval over one indexed gallery (see the module docstring)."""
 
     def __init__(self, gallery, config, image_encoder=None, image_index=None,
-                 text_encoder=None, captions=None, item_hashes=None, state_dir=None):
+                 text_encoder=None, captions=None, item_hashes=None, state_dir=None,
+                 reranker=None):
         """Assemble a retriever; use :meth:`open` (or :meth:`from_arrays` for synthetic data)."""
         self.gallery = gallery
+        self.reranker = reranker
         self.config = config
         self.state_dir = state_dir
         self._image_encoder = image_encoder
@@ -185,6 +197,11 @@ class Retriever:
                 f'nothing to search in {gallery_dir}: image_encoder.backend is none and no '
                 'image has a caption; configure an image encoder, or add descriptions / run '
                 '`cgrs caption` and `cgrs index`')
+        try:
+            retriever.reranker = make_reranker(config.reranker)
+        except BaseException:
+            retriever.close()
+            raise
         return retriever
 
     @staticmethod
@@ -203,7 +220,8 @@ class Retriever:
 
     @classmethod
     def from_arrays(cls, gallery, config, image_encoder=None, image_vectors=None,
-                    text_encoder=None, caption_texts=None, caption_vectors=None):
+                    text_encoder=None, caption_texts=None, caption_vectors=None,
+                    reranker=None):
         """Build a retriever from in-memory vectors aligned with ``gallery.items``.
 
         ``image_vectors`` (n, d) and ``caption_vectors`` (n, d_text) are L2-normalized rows;
@@ -222,10 +240,13 @@ class Retriever:
                                        np.asarray(codes)[have], n) if len(have) else None)
             captions = _CaptionState(index=index, texts=tuple(caption_texts), by_hash={})
         return cls(gallery, config, image_encoder=image_encoder, image_index=image_index,
-                   text_encoder=text_encoder, captions=captions)
+                   text_encoder=text_encoder, captions=captions, reranker=reranker)
 
     def close(self):
-        """Release the caption store connection."""
+        """Release the caption store connection and the reranker."""
+        if self.reranker is not None:
+            self.reranker.close()
+            self.reranker = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -370,8 +391,9 @@ class Retriever:
         """Rank gallery images for a description; returns a :class:`QueryResult`.
 
         ``on_stage(stage, progress)``, when given, is called as each stage starts ('encode',
-        'coarse', 'rerank'; progress 0..1). It may raise to abandon the query (the ROS node
-        does so when its action goal is cancelled).
+        'coarse', 'captions', and 'rerank i/k' before each reranker call; progress 0..1). It
+        may raise to abandon the query (the ROS node does so when its action goal is
+        cancelled).
         """
         start = time.perf_counter()
         stage = on_stage or (lambda name, progress: None)
@@ -412,7 +434,7 @@ class Retriever:
             coarse_scores = coarse_scores.astype(np.float64)
         t_coarse = time.perf_counter()
 
-        stage('rerank', 0.7)
+        stage('captions', 0.6)
         if caption_index is not None:
             if image_index is None or cfg.caption_channel == 'hybrid':
                 cap_items, cap_scores = caption_index.search(
@@ -439,7 +461,18 @@ class Retriever:
                             f'{best:.2f}, under retrieval.min_caption_score '
                             f'{cfg.min_caption_score:g}; describe the place (what it is, its '
                             'colours, what is near it)')
-        order = np.argsort(-fused, kind='stable')[:top_k]
+        order = np.argsort(-fused, kind='stable')
+        t_captions = time.perf_counter()
+        rerank, final, rerank_info = None, None, {}
+        if self.reranker is not None:
+            outcome = self._rerank(said, order, items, fused, captions, stage)
+            rerank, final = np.full(len(fused), np.nan), np.full(len(fused), np.nan)
+            rerank[order], final[order] = outcome.rerank, outcome.final
+            order = order[outcome.order]
+            rerank_info = {'scored': outcome.scored, 'of': outcome.considered,
+                           'budget_hit': outcome.budget_hit,
+                           'reranker': self.reranker.identity}
+        order = order[:top_k]
         candidates = []
         for rank, pos in enumerate(order, start=1):
             item = self.gallery.items[items[pos]]
@@ -451,13 +484,29 @@ class Retriever:
                               else None),
                 caption_score=(_none_if_nan(caption_scores[pos]) if caption_scores is not None
                                else None),
-                fused_score=float(fused[pos])))
+                fused_score=float(fused[pos]),
+                rerank_score=_none_if_nan(rerank[pos]) if rerank is not None else None,
+                final_score=_none_if_nan(final[pos]) if final is not None else None))
         end = time.perf_counter()
         timings = {'encode': (t_encode - start) * 1e3, 'coarse': (t_coarse - t_encode) * 1e3,
-                   'rerank': (end - t_coarse) * 1e3, 'total': (end - start) * 1e3}
+                   'captions': (t_captions - t_coarse) * 1e3,
+                   'rerank': (end - t_captions) * 1e3, 'total': (end - start) * 1e3}
         reported = normalized if cfg.remove_orientation_words != 'false' else said
         return QueryResult(query=text, normalized_query=reported, candidates=candidates,
-                           timings_ms=timings, no_match=no_match)
+                           timings_ms=timings, no_match=no_match, rerank=rerank_info)
+
+    def _rerank(self, query, order, items, fused, captions, stage):
+        """Run the reranker stage over the candidates in ``order`` (see rerankers/stage.py)."""
+        ranked = items[order]
+        rows = [self.gallery.items[i] for i in ranked]
+
+        def progress(done, total):
+            stage(f'rerank {done}/{total}', 0.7 + 0.2 * done / max(total, 1))
+
+        return run_stage(self.reranker, self.config.reranker, query, fused[order],
+                         [self.gallery.path_of(row) for row in rows],
+                         [row.platform for row in rows],
+                         [captions.texts[i] for i in ranked], on_progress=progress)
 
 
 def build_image_index(gallery, hashes, keys, matrix):

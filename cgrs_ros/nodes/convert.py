@@ -37,7 +37,9 @@ def result_message(query_result, datum, frame_id, stamp, platform=''):
     timings = query_result.timings_ms or {}
     msg.encode_ms = float(timings.get('encode') or 0.0)
     msg.coarse_ms = float(timings.get('coarse') or 0.0)
+    msg.captions_ms = float(timings.get('captions') or 0.0)
     msg.rerank_ms = float(timings.get('rerank') or 0.0)
+    msg.rerank_scored = int((query_result.rerank or {}).get('scored', 0))
     msg.total_ms = float(timings.get('total') or 0.0)
     for cand in query_result.candidates:
         msg.candidates.append(Candidate(
@@ -46,7 +48,8 @@ def result_message(query_result, datum, frame_id, stamp, platform=''):
             altitude=float(cand.alt), heading_deg=float(cand.heading_deg),
             pose=pose_in_map(cand.lat, cand.lon, cand.alt, cand.heading_deg, datum),
             coarse_score=_score(cand.coarse_score), caption_score=_score(cand.caption_score),
-            fused_score=_score(cand.fused_score), caption=cand.caption or ''))
+            fused_score=_score(cand.fused_score), rerank_score=_score(cand.rerank_score),
+            final_score=_score(cand.final_score), caption=cand.caption or ''))
     if query_result.no_match:  # the relevance floor: candidates shown, no pose sent
         msg.status = RetrievalResult.STATUS_NO_MATCH
         msg.error = query_result.no_match
@@ -126,10 +129,14 @@ def result_to_dict(msg):
             'heading_deg': c.heading_deg, 'caption': c.caption, 'group_id': c.group_id,
             'scores': {'coarse': _json_score(c.coarse_score),
                        'caption': _json_score(c.caption_score),
-                       'fused': _json_score(c.fused_score)},
+                       'fused': _json_score(c.fused_score),
+                       'rerank': _json_score(c.rerank_score),
+                       'final': _json_score(c.final_score)},
             'map_pose': {'x': c.pose.position.x, 'y': c.pose.position.y,
                          'z': c.pose.position.z},
         } for c in msg.candidates],
         'timings_ms': {'encode': msg.encode_ms, 'coarse': msg.coarse_ms,
-                       'rerank': msg.rerank_ms, 'total': msg.total_ms},
+                       'captions': msg.captions_ms, 'rerank': msg.rerank_ms,
+                       'total': msg.total_ms},
+        'rerank': {'scored': msg.rerank_scored},
     }

@@ -1,0 +1,146 @@
+"""The reranker interface and the ``reranker`` config section.
+
+A reranker is the third stage of a query (after the coarse search and the caption channel):
+a cross-modal model that sees the query and one candidate image together and returns how
+well they match, as a probability in [0, 1]. The stage (``rerankers/stage.py``) scores the top
+``k`` candidates, fuses the probability with the score they already had and re-sorts them.
+"""
+
+import abc
+from typing import Literal, Optional
+
+from cgrs_ros.engine.errors import ConfigError
+import numpy as np
+import pydantic
+
+BACKENDS = ('none', 'openai', 'transformers', 'itm', 'trained')
+
+# The yes/no question the generative backends (openai, transformers) answer per candidate.
+# {platform} is the candidate's platform name, {query} the normalized goal text.
+DEFAULT_PROMPT = (
+    'This is a {platform} image. Does it show the place described as follows: "{query}"? '
+    'Answer Yes or No.')
+
+
+class RerankerSettings(pydantic.BaseModel):
+    """The ``reranker`` section of the engine configuration (fields of all backends)."""
+
+    model_config = pydantic.ConfigDict(extra='forbid')
+
+    backend: Literal['none', 'openai', 'transformers', 'itm', 'trained'] = 'none'
+    k: int = pydantic.Field(10, ge=1, le=1000,
+                            description='Top candidates (after caption fusion) the stage scores.')
+    weight: float = pydantic.Field(
+        0.5, ge=0.0, le=1.0, description='Share of the reranker probability in the final score; '
+                                         'the rest is the min-max normalized score before it.')
+    timeout_ms: Optional[float] = pydantic.Field(
+        None, gt=0, description='Per-query budget for the stage; candidates not scored in time '
+                                'keep their earlier order. null = no budget.')
+    model: Optional[str] = pydantic.Field(
+        None, description='Model folder or Hugging Face id (transformers, itm), the model name '
+                          'the endpoint serves (openai), or a `cgrs train reranker` folder.')
+    device: str = pydantic.Field('auto', description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal['auto', 'float32', 'float16', 'bfloat16'] = 'auto'
+    batch_size: int = pydantic.Field(4, ge=1, le=256, description='Candidates per model call.')
+    prompt: str = pydantic.Field(DEFAULT_PROMPT, description='Yes/no question ({platform}, '
+                                                             '{query}) for generative backends.')
+    trust_remote_code: bool = False
+    # openai backend (same meaning as in the captioner section)
+    base_url: str = 'http://127.0.0.1:8000/v1'
+    api_key_env: Optional[str] = 'OPENAI_API_KEY'
+    timeout_s: float = pydantic.Field(30.0, gt=0, description='Total seconds per request.')
+    max_response_bytes: int = pydantic.Field(262_144, ge=1024)
+    max_retries: int = pydantic.Field(2, ge=0, le=20)
+    retry_backoff_s: float = pydantic.Field(0.5, ge=0)
+    concurrency: int = pydantic.Field(4, ge=1, le=256)
+    max_image_side: Optional[int] = pydantic.Field(512, ge=16)
+    top_logprobs: int = pydantic.Field(10, ge=1, le=20)
+    logprob_floor: float = pydantic.Field(
+        -20.0, le=0.0, description='Log-probability assumed for Yes or No when the server does '
+                                   'not list it among the top_logprobs.')
+
+    @pydantic.field_validator('prompt')
+    @classmethod
+    def _placeholders(cls, value):
+        try:
+            value.format(platform='satellite', query='q')
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f'the prompt may use only {{platform}} and {{query}} ({exc})') \
+                from None
+        return value
+
+    @classmethod
+    def from_section(cls, section):
+        """Build settings from a dict or pydantic model; ConfigError naming the key if bad."""
+        if isinstance(section, cls):
+            return section
+        if section is None:
+            section = {}
+        elif isinstance(section, pydantic.BaseModel):
+            section = section.model_dump()
+        elif not isinstance(section, dict):
+            raise ConfigError(
+                f'the reranker section must be a mapping, not {type(section).__name__}.')
+        try:
+            return cls.model_validate(section)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = '.'.join(str(p) for p in first['loc']) or 'reranker'
+            message = first['msg'].removeprefix('Value error, ')
+            if first['type'] == 'extra_forbidden':
+                message = 'unknown key; check its spelling against config/engine.yaml'
+            raise ConfigError(f'reranker.{where}: {message} (got {first.get("input")!r}); fix '
+                              'it in the reranker section of the config.') from None
+
+
+class Reranker(abc.ABC):
+    """A model that scores (query, candidate image) pairs jointly.
+
+    Subclasses set ``batch_size`` (how many candidates a caller should pass per ``score``
+    call; the stage reports progress and checks its budget between calls) and implement
+    ``identity`` and ``score``.
+    """
+
+    batch_size = 1
+
+    @property
+    @abc.abstractmethod
+    def identity(self):
+        """Return a stable string naming backend, model and scoring settings."""
+
+    @abc.abstractmethod
+    def score(self, query, images, platforms, captions=None):
+        """Return P(match) per candidate as a float array (NaN where one could not be scored).
+
+        ``images`` are PIL images (None where the image could not be read), ``platforms`` their
+        platform names, ``captions`` their captions (None where there is none; backends that
+        read only pixels ignore them). One bad candidate never fails the others.
+        """
+
+    def close(self):
+        """Release models, threads and connections (the reranker is unusable afterwards)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @staticmethod
+    def _check_inputs(images, platforms, captions):
+        if len(images) != len(platforms) or (captions is not None
+                                             and len(captions) != len(images)):
+            raise ValueError(f'score() got {len(images)} images, {len(platforms)} platforms '
+                             f'and {len(captions) if captions is not None else 0} captions')
+
+
+def yes_probability(yes_logprob, no_logprob):
+    """P(yes) from the log-probabilities of the Yes and No answers, renormalized over the two.
+
+    Pointwise yes/no relevance scoring (as in SkyLink's and GeoRanker's VLM rerankers): the
+    softmax over just {Yes, No} removes the mass the model puts on other tokens.
+    """
+    pair = np.array([yes_logprob, no_logprob], dtype=np.float64)
+    pair -= pair.max()
+    odds = np.exp(pair)
+    return float(odds[0] / odds.sum())

@@ -1,0 +1,101 @@
+"""The reranking stage inside a query: score the top ``k``, fuse, re-sort, within a budget.
+
+After the coarse search and the caption channel have ranked the candidates, the reranker
+scores the first ``reranker.k`` of them, ``batch_size`` at a time, best first. Between model
+calls the stage reports progress (the node turns it into action feedback "rerank 3/10"), lets
+the caller abandon the query (a cancelled goal), and checks the per-query budget
+``reranker.timeout_ms``. The candidates scored by then (a prefix of the list) are re-sorted
+among themselves by
+
+    final = (1 - weight) * minmax(fused over the scored prefix) + weight * P(match)
+
+and the rest keep their place after them, so a budget that runs out can only reorder what was
+looked at. A candidate the model could not score (unreadable image, a failed request) keeps
+``P(match)`` equal to its own normalized fused score: it is neither helped nor pushed down.
+
+Why a convex mix with the earlier score rather than P(match) alone: published zero-shot VLM
+rerankers sometimes lower R@1 (pointwise yes/no probabilities are badly calibrated across
+candidates); keeping part of the earlier evidence and choosing ``weight`` on validation
+(``cgrs eval --tune-weights``) bounds the harm, and ``weight: 0`` turns the stage into a no-op.
+"""
+
+import dataclasses
+import logging
+import time
+
+from cgrs_ros.engine.gallery import decode_image
+from cgrs_ros.engine.rerank import minmax
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StageOutcome:
+    """What the stage did to one query's ranking.
+
+    ``order`` is the new order of the input positions; ``rerank`` holds P(match) per input
+    position (NaN where not scored); ``final`` the fused score of the re-sorted prefix (NaN
+    elsewhere); ``scored`` how many candidates the model saw; ``budget_hit`` whether the time
+    budget stopped it early.
+    """
+
+    order: np.ndarray
+    rerank: np.ndarray
+    final: np.ndarray
+    scored: int
+    considered: int
+    budget_hit: bool = False
+    errors: list = dataclasses.field(default_factory=list)
+
+
+def load_candidate_image(path):
+    """Decode a candidate image for the reranker, or None when it cannot be read."""
+    try:
+        return decode_image(path)
+    except Exception as exc:  # noqa: B902 - PIL raises many types for a corrupt file
+        logger.warning('reranker: cannot read %s (%s); the candidate keeps its place', path, exc)
+        return None
+
+
+def run_stage(reranker, settings, query, fused, paths, platforms, captions,
+              on_progress=None, clock=time.monotonic):
+    """Rerank candidates already sorted best first; return a :class:`StageOutcome`.
+
+    ``fused`` are their scores before this stage (descending), ``paths`` their image files,
+    ``platforms`` and ``captions`` their platform names and captions (None without).
+    ``on_progress(done, total)`` is called before each model call and once at the end; it
+    may raise to abandon the query.
+    """
+    n = len(fused)
+    k = min(settings.k, n)
+    rerank = np.full(n, np.nan)
+    final = np.full(n, np.nan)
+    deadline = (clock() + settings.timeout_ms / 1e3) if settings.timeout_ms else None
+    progress = on_progress or (lambda done, total: None)
+    scored, budget_hit, errors = 0, False, []
+    step = max(1, int(getattr(reranker, 'batch_size', 1) or 1))
+    while scored < k:
+        progress(scored, k)
+        if deadline is not None and clock() >= deadline:
+            budget_hit = True
+            break
+        batch = range(scored, min(k, scored + step))
+        images = [load_candidate_image(paths[i]) for i in batch]
+        probs = np.asarray(reranker.score(query, images, [platforms[i] for i in batch],
+                                          [captions[i] for i in batch]), dtype=np.float64)
+        if probs.shape != (len(batch),):
+            raise RuntimeError(f'reranker {reranker.identity} returned {probs.shape} scores '
+                               f'for {len(batch)} candidates')
+        rerank[batch.start:batch.stop] = probs
+        errors.extend(getattr(reranker, 'last_errors', None) or [])
+        scored = batch.stop
+    progress(scored, k)
+    order = np.arange(n)
+    if scored:
+        prior = np.nan_to_num(minmax(fused[:scored]), nan=0.0)
+        probs = np.where(np.isfinite(rerank[:scored]), rerank[:scored], prior)
+        final[:scored] = (1.0 - settings.weight) * prior + settings.weight * probs
+        order[:scored] = np.argsort(-final[:scored], kind='stable')
+    return StageOutcome(order=order, rerank=rerank, final=final, scored=scored,
+                        considered=k, budget_hit=budget_hit, errors=errors)
