@@ -7,7 +7,8 @@ captions are random words, but real generated text.
 
 :class:`ChatServer` is a chat-completions server on 127.0.0.1 (in a thread of the test process,
 reachable from child processes too); it decodes the uploaded image and answers with its
-dominant colour, so a test can see the image arrived.
+dominant colour, so a test can see the image arrived, or with Yes/No logprobs a test computes
+from the request (reranker tests).
 """
 
 import base64
@@ -109,6 +110,13 @@ class ChatServer:
     ('sleep', s) (answer late), 'garbage' (200 with a non-JSON body), ('barrier', b) (wait
     until b.parties requests are in flight, or until an Event b is set, then answer). After
     the plan: 'ok'. ``requests`` lists every request received, in arrival order.
+
+    ``logprobs`` None (the default) answers without logprobs, as a server that does not serve
+    them. Set it to a function of the request body returning [(token, logprob), ...] to answer
+    'ok' steps like a logprobs-enabled server: the first token is the answer text and the list
+    its ``top_logprobs``, in the chat-completions shape, or in the older completions shape
+    (``logprobs.top_logprobs``, one {token: logprob} dict) when ``logprobs_shape`` is
+    'completions'.
     """
 
     def __init__(self):
@@ -116,6 +124,8 @@ class ChatServer:
         self.plan = []
         self.inflight = 0
         self.max_inflight = 0
+        self.logprobs = None
+        self.logprobs_shape = 'chat'
         self._lock = threading.Lock()
         server = self
 
@@ -147,10 +157,23 @@ class ChatServer:
                 elif step == 'garbage':
                     self._send(200, '<html>not json</html>')
                 else:
-                    reply = {'id': 'x', 'object': 'chat.completion', 'choices': [{
-                        'index': 0, 'finish_reason': 'stop',
-                        'message': {'role': 'assistant', 'content': describe(body)}}]}
-                    self._send(200, json.dumps(reply))
+                    self._send(200, json.dumps(self._completion(body)))
+
+            def _completion(self, body):
+                choice = {'index': 0, 'finish_reason': 'stop',
+                          'message': {'role': 'assistant', 'content': describe(body)}}
+                if server.logprobs is not None:
+                    pairs = server.logprobs(body)
+                    choice['message']['content'] = pairs[0][0]
+                    if server.logprobs_shape == 'completions':
+                        choice['logprobs'] = {'tokens': [pairs[0][0]],
+                                              'top_logprobs': [dict(pairs)]}
+                    else:
+                        choice['finish_reason'] = 'length'
+                        choice['logprobs'] = {'content': [{
+                            'token': pairs[0][0], 'logprob': pairs[0][1],
+                            'top_logprobs': [{'token': t, 'logprob': lp} for t, lp in pairs]}]}
+                return {'id': 'x', 'object': 'chat.completion', 'choices': [choice]}
 
             def _send(self, status, text, headers=()):
                 data = text.encode()
@@ -177,15 +200,30 @@ class ChatServer:
         self.httpd.server_close()
 
 
+def _user_parts(body):
+    return body['messages'][-1]['content']
+
+
 def uploaded_image(body):
-    url = body['messages'][1]['content'][1]['image_url']['url']
+    """Return the image a chat request carries (decoded from its base64 JPEG data URL)."""
+    url, = [part['image_url']['url'] for part in _user_parts(body)
+            if part['type'] == 'image_url']
     assert url.startswith('data:image/jpeg;base64,')
     return Image.open(io.BytesIO(base64.b64decode(url.split(',', 1)[1])))
+
+
+def prompt_text(body):
+    """Return the text a chat request asks (its user message's text parts, joined)."""
+    return ' '.join(part['text'] for part in _user_parts(body) if part['type'] == 'text')
+
+
+def dominant_colour(image):
+    """Return 'red', 'green' or 'blue': the channel with the largest mean (red for grey)."""
+    means = np.asarray(image.convert('RGB'), dtype=float).reshape(-1, 3).mean(axis=0)
+    return ('red', 'green', 'blue')[int(np.argmax(means))]
 
 
 def describe(body):
     """Answer like a (very small) VLM: the dominant colour and size of the uploaded image."""
     image = uploaded_image(body)
-    means = np.asarray(image.convert('RGB'), dtype=float).reshape(-1, 3).mean(axis=0)
-    colour = ('red', 'green', 'blue')[int(np.argmax(means))]
-    return f'  a {colour}\n roof, {image.size[0]}x{image.size[1]} '
+    return f'  a {dominant_colour(image)}\n roof, {image.size[0]}x{image.size[1]} '
