@@ -48,7 +48,8 @@ def test_index_then_query(setup, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result['query'] == 'the church with a tall spire'
     assert len(result['candidates']) == 3  # retrieval.top_k from the config file
-    assert set(result['candidates'][0]['scores']) == {'coarse', 'caption', 'fused', 'rerank', 'final'}
+    assert set(result['candidates'][0]['scores']) == {'coarse', 'caption', 'fused', 'rerank',
+                                                      'final'}
     assert set(result['timings_ms']) == {'encode', 'coarse', 'captions', 'rerank', 'total'}
 
     assert main(['query', str(gallery), 'boats north of the pier', '--config', str(config),
