@@ -1,9 +1,9 @@
 """Shared test helpers: tiny real captioning models saved to disk, and a local VLM endpoint.
 
-The transformers builders make tiny BLIP (plain captioner, prompted with a text prefix) and
-LLaVA (chat VLM, prompted through its chat template) models from configs with random weights
-and save them with save_pretrained, so tests load them through the real loading code. Their
-captions are random words, but real generated text.
+The transformers builders make tiny BLIP (plain captioner, prompted with a text prefix),
+BLIP / BLIP-2 image-text matching and LLaVA (chat VLM, prompted through its chat template)
+models from configs with random weights and save them with save_pretrained, so tests load them
+through the real loading code. Their captions are random words, but real generated text.
 
 :class:`ChatServer` is a chat-completions server on 127.0.0.1 (in a thread of the test process,
 reachable from child processes too); it decodes the uploaded image and answers with its
@@ -67,6 +67,62 @@ def save_tiny_blip(path):
     model = BlipForConditionalGeneration(config)
     processor = BlipProcessor(
         image_processor=BlipImageProcessor(size={'height': 32, 'width': 32}), tokenizer=tokenizer)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_blip_itm(path):
+    """Save a tiny random BLIP image-text matching model (BlipForImageTextRetrieval)."""
+    ensure_torchvision()
+    import torch
+    from transformers import (BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor,
+                              BlipProcessor)
+    tokenizer = minilm_tokenizer()
+    config = BlipConfig(
+        vision_config=TINY_VISION,
+        text_config={'vocab_size': len(tokenizer), 'hidden_size': 32, 'intermediate_size': 64,
+                     'num_hidden_layers': 2, 'num_attention_heads': 2,
+                     'max_position_embeddings': 64, 'bos_token_id': tokenizer.cls_token_id,
+                     'pad_token_id': tokenizer.pad_token_id, 'initializer_range': INIT_RANGE},
+        projection_dim=32, image_text_hidden_size=32, initializer_range=INIT_RANGE)
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(config)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={'height': 32, 'width': 32}), tokenizer=tokenizer)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_blip2_itm(path):
+    """Save a tiny random BLIP-2 image-text matching model (Blip2ForImageTextRetrieval)."""
+    ensure_torchvision()
+    import torch
+    from transformers import (Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor,
+                              BlipImageProcessor)
+    tokenizer = minilm_tokenizer()
+    tokenizer.add_special_tokens({'additional_special_tokens': ['<image>']})
+    num_query_tokens = 4
+    config = Blip2Config(
+        vision_config=TINY_VISION,
+        qformer_config={'vocab_size': len(tokenizer), 'hidden_size': 32,
+                        'intermediate_size': 64, 'num_hidden_layers': 2,
+                        'num_attention_heads': 2, 'max_position_embeddings': 64,
+                        'encoder_hidden_size': 32, 'use_qformer_text_input': True,
+                        'pad_token_id': tokenizer.pad_token_id,
+                        'initializer_range': INIT_RANGE},
+        text_config={'model_type': 'opt', 'vocab_size': 64, 'hidden_size': 16,
+                     'ffn_dim': 32, 'num_hidden_layers': 1, 'num_attention_heads': 2,
+                     'word_embed_proj_dim': 16},
+        num_query_tokens=num_query_tokens, image_text_hidden_size=32,
+        image_token_index=tokenizer.convert_tokens_to_ids('<image>'),
+        initializer_range=INIT_RANGE)
+    torch.manual_seed(0)
+    model = Blip2ForImageTextRetrieval(config)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={'height': 32, 'width': 32}), tokenizer=tokenizer,
+        num_query_tokens=num_query_tokens)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)

@@ -5,48 +5,15 @@ One loading path serves plain captioning models (BLIP, BLIP-2, GIT, Florence-2) 
 prompted through the processor's chat template; plain models get a short text prefix.
 """
 
-import inspect
 import logging
-import os
 import re
 
+from cgrs_ros.engine import hf_loading
 from cgrs_ros.engine.captioners.base import Captioner, CaptionOutcome
 from cgrs_ros.engine.captioners.prompts import PromptSet
-from cgrs_ros.engine.errors import ConfigError, ModelLoadError
-from cgrs_ros.engine.torch_compat import ensure_torchvision
+from cgrs_ros.engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def _resolve_device(torch, device):
-    if device == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(
-            f"captioner.device {device!r} is not a device; use 'auto', 'cpu' or 'cuda:N'.")
-    if resolved.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(
-            f'captioner.device is {device!r} but torch sees no CUDA GPU here; use cpu or auto.')
-    return str(resolved)
-
-
-def _resolve_dtype(torch, dtype, device):
-    if dtype == 'auto':
-        if not device.startswith('cuda'):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, dtype)
-
-
-def _load_error(model, exc):
-    where = (f'the directory {model!r} has no loadable model ({exc})' if os.path.isdir(model)
-             else f'{model!r} is not a local directory and is not in the Hugging Face cache '
-                  '(downloads are off here)')
-    return ModelLoadError(
-        f'Cannot load captioning model: {where}; on a machine with internet run '
-        f'`hf download {model} --local-dir DIR`, copy DIR here and set captioner.model to it.')
 
 
 class TransformersCaptioner(Captioner):
@@ -54,49 +21,16 @@ class TransformersCaptioner(Captioner):
 
     def __init__(self, settings):
         """Load processor and model named by ``settings.model`` (ModelLoadError if missing)."""
-        if not settings.model:
-            raise ConfigError(
-                'captioner.model is empty; set it to a Hugging Face model id or a local model '
-                'directory.')
-        ensure_torchvision()
-        import torch
-        import transformers
-
-        self._torch = torch
         self._settings = settings
         self.batch_size = settings.batch_size
-        self.device = _resolve_device(torch, settings.device)
         model = settings.model
-        kwargs = {'trust_remote_code': settings.trust_remote_code}
-        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, 'config.json')):
-            raise ModelLoadError(
-                f'Cannot load captioning model: the directory {model!r} has no config.json; '
-                'point captioner.model at the folder that save_pretrained or `hf download '
-                'MODEL --local-dir DIR` wrote.')
-        try:
-            self._processor = transformers.AutoProcessor.from_pretrained(model, **kwargs)
-            self._model = transformers.AutoModelForImageTextToText.from_pretrained(
-                model, dtype=_resolve_dtype(torch, settings.dtype, self.device), **kwargs)
-        except OSError as exc:
-            raise _load_error(model, exc) from None
-        except ValueError as exc:
-            if 'trust_remote_code' in str(exc) and not settings.trust_remote_code:
-                raise ConfigError(
-                    f'captioning model {model!r} ships its own Python code; set '
-                    'captioner.trust_remote_code: true if you trust its source, or use a '
-                    'checkpoint that transformers supports natively.') from None
-            if 'Unrecognized' in str(exc) or 'not supported' in str(exc):
-                raise ModelLoadError(
-                    f'Cannot load captioning model {model!r}: it is not an image-text-to-text '
-                    f'model that transformers knows ({str(exc).splitlines()[0]}); use a '
-                    'captioning or vision-language model such as BLIP, GIT or SmolVLM.') from None
-            raise
-        self._model.to(self.device).eval()
-        self._tokenizer = getattr(self._processor, 'tokenizer', None)
-        if self._tokenizer is None:
-            raise ModelLoadError(
-                f'Cannot use captioning model {model!r}: its processor has no tokenizer, so '
-                'captions cannot be decoded; use a model directory with tokenizer files.')
+        self._torch, self._processor, self._model, self.device = hf_loading.load_model(
+            settings, 'captioner', 'captioning model',
+            ('an image-text-to-text model',
+             'a captioning or vision-language model such as BLIP, GIT or SmolVLM'))
+        self._tokenizer = hf_loading.processor_tokenizer(
+            self._processor, model, 'captioner', 'captioning model',
+            'captions cannot be decoded')
         config = self._model.config
         self._model_type = getattr(config, 'model_type', None)
         self._encoder_decoder = bool(getattr(config, 'is_encoder_decoder', False))
@@ -114,10 +48,7 @@ class TransformersCaptioner(Captioner):
             # Decoder-only models generate after the last input token: pad on the left so
             # every row's prompt ends at the same position.
             self._tokenizer.padding_side = 'left'
-        if self._tokenizer.pad_token is None and self._tokenizer.eos_token is not None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        accepted = inspect.signature(self._model.forward).parameters
-        self._drop_keys = {'token_type_ids'} - set(accepted)
+        self._drop_keys = hf_loading.unused_input_keys(self._model)
         logger.info('captioner %s on %s (%s prompts)', model, self.device, style)
 
     @property
@@ -182,16 +113,17 @@ class TransformersCaptioner(Captioner):
 
     def _inputs(self, group):
         if self.prompts.style == 'chat':
-            conversations = [self._conversation(image, prompt, self.prompts.system)
+            conversations = [hf_loading.conversation(image, prompt, self.prompts.system)
                              for _, image, prompt in group]
             try:
-                return self._apply_template(conversations)
+                return hf_loading.apply_chat_template(self._processor, conversations)
             except Exception as exc:  # noqa: B902 - templates without a system role raise
                 if 'system' not in str(exc).lower():
                     raise
-                conversations = [self._conversation(image, f'{self.prompts.system}\n\n{prompt}')
-                                 for _, image, prompt in group]
-                return self._apply_template(conversations)
+                conversations = [
+                    hf_loading.conversation(image, f'{self.prompts.system}\n\n{prompt}')
+                    for _, image, prompt in group]
+                return hf_loading.apply_chat_template(self._processor, conversations)
         images = [image for _, image, _ in group]
         prompt = group[0][2]
         if not prompt:
@@ -209,28 +141,10 @@ class TransformersCaptioner(Captioner):
                     inputs[key] = inputs[key][:, :-1]
         return inputs
 
-    @staticmethod
-    def _conversation(image, text, system=None):
-        messages = []
-        if system:
-            messages.append({'role': 'system', 'content': [{'type': 'text', 'text': system}]})
-        messages.append({'role': 'user', 'content': [{'type': 'image', 'image': image},
-                                                     {'type': 'text', 'text': text}]})
-        return messages
-
-    def _apply_template(self, conversations):
-        return self._processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors='pt', processor_kwargs={'padding': True})
-
     def _generate(self, group):
         torch = self._torch
-        inputs = self._inputs(group)
-        for key in self._drop_keys:
-            inputs.pop(key, None)
-        inputs = inputs.to(self.device)
-        if 'pixel_values' in inputs and inputs['pixel_values'].is_floating_point():
-            inputs['pixel_values'] = inputs['pixel_values'].to(self._model.dtype)
+        inputs = hf_loading.to_model(self._inputs(group), self._model, self.device,
+                                     self._drop_keys)
         kwargs = {'max_new_tokens': self._settings.max_new_tokens, 'do_sample': False,
                   'num_beams': 1}
         if self._model.generation_config.pad_token_id is None:
