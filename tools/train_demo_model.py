@@ -36,14 +36,19 @@ def town(cache, seed):
     return folder
 
 
+def default_cache():
+    """Return the folder generated towns are kept in (``$XDG_CACHE_HOME/cgrs/towns``)."""
+    base = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+    return base / 'cgrs' / 'towns'
+
+
 def main():
     """Generate the towns and train."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--towns', type=int, default=30, help='training towns (default 30)')
     parser.add_argument('--config', type=Path, default=ROOT / 'config' / 'train_demo.yaml')
     parser.add_argument('--out', type=Path, default=ROOT / 'models' / 'demo_dual')
-    base = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
-    parser.add_argument('--cache', type=Path, default=base / 'cgrs' / 'towns',
+    parser.add_argument('--cache', type=Path, default=default_cache(),
                         help='where the generated towns are kept')
     parser.add_argument('--restart', action='store_true', help='ignore checkpoints in --out')
     args = parser.parse_args()

@@ -1,8 +1,10 @@
-"""``cgrs train dual``: train a text-image dual encoder the engine loads by path.
+"""``cgrs train dual`` / ``cgrs train reranker``: train models the engine loads by path.
 
     cgrs train dual GALLERY [GALLERY ...] [--val GALLERY_OR_QUERIES ...] --config train.yaml
                     --out DIR [--seed N] [--device cuda] [--epochs N] [--restart]
     cgrs train dual --geotext train.json --images ROOT --out DIR ...
+    cgrs train reranker GALLERY [GALLERY ...] --engine-config STAGE_BEFORE.yaml
+                    [--val GALLERY ...] [--config train_reranker.yaml] --out DIR
 
 The output folder holds the model (``backend: learned`` for the offline towers, an open_clip
 ``local-dir`` folder for open_clip), ``model_card.md``/``.json`` and ``checkpoints/``; run the
@@ -57,6 +59,36 @@ def run_dual(args):
     return 0
 
 
+def run_reranker(args):
+    """Build the stage-before lists, train the cross-encoder, print how to use it."""
+    from cgrs_ros.engine.config import load_config
+    from cgrs_ros.engine.learning.rerank_trainer import load_rerank_config, train_reranker
+
+    overrides = {}
+    if args.seed is not None:
+        overrides['train.seed'] = args.seed
+    if args.epochs:
+        overrides['train.epochs'] = args.epochs
+    cfg = load_rerank_config(args.config, overrides)
+    engine = load_config(args.engine_config)
+    result = train_reranker(args.galleries, engine, cfg, args.out, args.val or (),
+                            restart=args.restart, progress=not args.quiet)
+    card = result.card
+    if args.json:
+        print(json.dumps(card, indent=2))
+        return 0
+    print(f'reranker: {result.out_dir} (epoch {card["exported_epoch"]}; card: '
+          f'{result.out_dir}/model_card.md)')
+    weight = card['suggested_weight']
+    for name, v in card['val'].items():
+        before, after = v['before'], v[f'w{weight:g}']
+        print(f'  val {name}: R@1 {before["r1"]} -> {after["r1"]}  R@5 {before["r5"]} -> '
+              f'{after["r5"]}  R@10 {before["r10"]} -> {after["r10"]}')
+    print(f'use it: reranker: {{backend: trained, model: {result.out_dir}, k: '
+          f'{cfg.train.k}, weight: {weight}}}')
+    return 0
+
+
 def register(subparsers):
     """Add the ``train`` subcommand and its ``dual`` action."""
     parser = subparsers.add_parser('train', help='train models on described galleries',
@@ -86,4 +118,26 @@ def register(subparsers):
     dual.add_argument('--json', action='store_true', help='print the model card as JSON')
     dual.add_argument('--quiet', action='store_true', help='no progress output')
     dual.set_defaults(func=run_dual)
+
+    rr = actions.add_parser(
+        'reranker', help='train the cross-encoder of the trained reranker stage',
+        description='Train a cross-encoder reranker on the candidate lists that the stage '
+                    'before it (--engine-config) returns for the descriptions of the training '
+                    'galleries; validation uses held-out queries of other galleries.')
+    rr.add_argument('galleries', nargs='+', metavar='GALLERY',
+                    help='gallery folders whose manifest has descriptions')
+    rr.add_argument('--engine-config', required=True, metavar='FILE',
+                    help='engine config of the stage before (coarse model and captions)')
+    rr.add_argument('--val', action='append', metavar='GALLERY',
+                    help='validation gallery (its queries.csv, else its descriptions)')
+    rr.add_argument('--config', metavar='FILE',
+                    help='reranker train config YAML (config/train_reranker.yaml)')
+    rr.add_argument('--out', required=True, metavar='DIR', help='model output folder')
+    rr.add_argument('--seed', type=int, help='override train.seed')
+    rr.add_argument('--epochs', type=int, help='override train.epochs')
+    rr.add_argument('--restart', action='store_true',
+                    help='ignore a checkpoint in --out and start over')
+    rr.add_argument('--json', action='store_true', help='print the model card as JSON')
+    rr.add_argument('--quiet', action='store_true', help='no progress output')
+    rr.set_defaults(func=run_reranker)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

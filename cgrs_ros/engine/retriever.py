@@ -465,7 +465,8 @@ class Retriever:
         t_captions = time.perf_counter()
         rerank, final, rerank_info = None, None, {}
         if self.reranker is not None:
-            outcome = self._rerank(said, order, items, fused, captions, stage)
+            outcome = self._rerank(said, order, items, fused, captions, stage,
+                                   coarse_scores, caption_scores)
             rerank, final = np.full(len(fused), np.nan), np.full(len(fused), np.nan)
             rerank[order], final[order] = outcome.rerank, outcome.final
             order = order[outcome.order]
@@ -495,7 +496,7 @@ class Retriever:
         return QueryResult(query=text, normalized_query=reported, candidates=candidates,
                            timings_ms=timings, no_match=no_match, rerank=rerank_info)
 
-    def _rerank(self, query, order, items, fused, captions, stage):
+    def _rerank(self, query, order, items, fused, captions, stage, coarse, caption):
         """Run the reranker stage over the candidates in ``order`` (see rerankers/stage.py)."""
         ranked = items[order]
         rows = [self.gallery.items[i] for i in ranked]
@@ -506,7 +507,9 @@ class Retriever:
         return run_stage(self.reranker, self.config.reranker, query, fused[order],
                          [self.gallery.path_of(row) for row in rows],
                          [row.platform for row in rows],
-                         [captions.texts[i] for i in ranked], on_progress=progress)
+                         [captions.texts[i] for i in ranked], on_progress=progress,
+                         coarse=None if coarse is None else coarse[order],
+                         caption=None if caption is None else caption[order])
 
 
 def build_image_index(gallery, hashes, keys, matrix):

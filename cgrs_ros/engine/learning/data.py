@@ -98,6 +98,11 @@ class PairSet:
         return self
 
 
+def attribute_words(text):
+    """Return the words of a description that say what a place is (stop words left out)."""
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
 def clause_views(text):
     """Return a description and its clauses of three words or more, without repeats.
 
@@ -265,7 +270,7 @@ class GroupCredit:
         words = [set() for _ in pairs.groups]
         groups = pairs.text_groups
         for text, g in zip(pairs.texts, groups):
-            words[g].update(w for w in _WORD.findall(text.lower()) if w not in _STOP)
+            words[g].update(attribute_words(text))
         vocab = {w: i for i, w in enumerate(sorted(set().union(*words)))}
         self._bits = np.zeros((len(words), max(1, len(vocab))), dtype=np.float32)
         for g, ws in enumerate(words):

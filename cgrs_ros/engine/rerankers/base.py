@@ -102,6 +102,8 @@ class Reranker(abc.ABC):
     """
 
     batch_size = 1
+    needs_images = True    # False: the stage does not decode candidate images for it
+    uses_priors = False    # True: score() also gets priors={'fused', 'coarse', 'caption'}
 
     @property
     @abc.abstractmethod

@@ -59,13 +59,15 @@ def load_candidate_image(path):
 
 
 def run_stage(reranker, settings, query, fused, paths, platforms, captions,
-              on_progress=None, clock=time.monotonic):
+              on_progress=None, clock=time.monotonic, coarse=None, caption=None):
     """Rerank candidates already sorted best first; return a :class:`StageOutcome`.
 
     ``fused`` are their scores before this stage (descending), ``paths`` their image files,
-    ``platforms`` and ``captions`` their platform names and captions (None without).
-    ``on_progress(done, total)`` is called before each model call and once at the end; it
-    may raise to abandon the query.
+    ``platforms`` and ``captions`` their platform names and captions (None without);
+    ``coarse`` and ``caption`` the channel scores (None when a channel did not run), passed
+    to rerankers that read them (``uses_priors``). Images are decoded only for rerankers
+    that look at pixels (``needs_images``, the default). ``on_progress(done, total)`` is
+    called before each model call and once at the end; it may raise to abandon the query.
     """
     n = len(fused)
     k = min(settings.k, n)
@@ -75,19 +77,28 @@ def run_stage(reranker, settings, query, fused, paths, platforms, captions,
     progress = on_progress or (lambda done, total: None)
     scored, budget_hit, errors = 0, False, []
     step = max(1, int(getattr(reranker, 'batch_size', 1) or 1))
+    needs_images = getattr(reranker, 'needs_images', True)
+    uses_priors = getattr(reranker, 'uses_priors', False)
     while scored < k:
         progress(scored, k)
         if deadline is not None and clock() >= deadline:
             budget_hit = True
             break
         batch = range(scored, min(k, scored + step))
-        images = [load_candidate_image(paths[i]) for i in batch]
+        sl = slice(batch.start, batch.stop)
+        images = [load_candidate_image(paths[i]) if needs_images else None for i in batch]
+        extra = {}
+        if uses_priors:
+            extra['priors'] = {'fused': fused[sl],
+                               'coarse': None if coarse is None else coarse[sl],
+                               'caption': None if caption is None else caption[sl]}
         probs = np.asarray(reranker.score(query, images, [platforms[i] for i in batch],
-                                          [captions[i] for i in batch]), dtype=np.float64)
+                                          [captions[i] for i in batch], **extra),
+                           dtype=np.float64)
         if probs.shape != (len(batch),):
             raise RuntimeError(f'reranker {reranker.identity} returned {probs.shape} scores '
                                f'for {len(batch)} candidates')
-        rerank[batch.start:batch.stop] = probs
+        rerank[sl] = probs
         errors.extend(getattr(reranker, 'last_errors', None) or [])
         scored = batch.stop
     progress(scored, k)
