@@ -10,8 +10,12 @@ MAX_LISTED = 50
 
 def format_summary(summary):
     """Return the human-readable lines of an IndexSummary."""
+    repaired = (f', repaired {summary.repaired}; {len(summary.repairs)} damaged state '
+                f'file(s) repaired' if summary.repairs else '')
     lines = [f'indexed {summary.indexed}, unchanged {summary.unchanged}, '
-             f'skipped {len(summary.skipped)} ({summary.elapsed_s:.1f} s)']
+             f'skipped {len(summary.skipped)}{repaired} ({summary.elapsed_s:.1f} s)']
+    for repair in summary.repairs:
+        lines.append(f'  repaired: {repair}')
     for skipped in summary.skipped[:MAX_LISTED]:
         lines.append(f'  skipped {skipped}')
     if len(summary.skipped) > MAX_LISTED:

@@ -10,6 +10,14 @@ SQLite runs in WAL mode: the captioning process writes while retrieval processes
 Writers commit once per batch (:meth:`CaptionStore.put_many`), so an interrupted captioning run
 keeps every finished batch.
 
+Integrity: the store never deletes a row (a caption is replaced, a withdrawn one becomes a
+``failed`` row), so its row count and newest ``seq`` never decrease. After each committed batch
+they are recorded in ``captions.rows.json`` (storage.write_rows_record); opening a store that
+holds less than that (an older copy restored over it, its ``-wal`` file lost before a
+checkpoint) raises StateError instead of ranking with captions that silently went missing.
+With ``PRAGMA quick_check`` on open this covers garbage and truncated files too;
+:func:`repair_caption_store` (``cgrs index``) salvages what is readable.
+
 Which captions retrieval uses (:func:`caption_source_for`):
 - ``captioner.backend: manifest``: the manifest descriptions, stored under the identity
   ``manifest`` by the indexer;
@@ -22,7 +30,9 @@ import dataclasses
 from pathlib import Path
 import time
 
-from cgrs_ros.engine.storage import connect_sqlite
+from cgrs_ros.engine.storage import (open_guarded_sqlite, repair_guarded_sqlite,
+                                     rows_record_path, salvage_rows, sqlite_figures,
+                                     write_rows_record)
 
 MANIFEST_CAPTIONER = 'manifest'
 MANIFEST_PROMPT_VERSION = 'descriptions-v1'
@@ -46,6 +56,11 @@ CREATE TABLE IF NOT EXISTS captions (
 CREATE INDEX IF NOT EXISTS captions_seq ON captions (seq);
 CREATE INDEX IF NOT EXISTS captions_source ON captions (captioner, prompt_version, status);
 """
+_COLUMNS = ('content_hash', 'captioner', 'prompt_version', 'status', 'text', 'error',
+            'created_at', 'seq')
+# Figures that never decrease (see the module docstring), recorded after every commit.
+_FIGURES = {'rows': 'SELECT COUNT(*) FROM captions',
+            'max_seq': 'SELECT COALESCE(MAX(seq), 0) FROM captions'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +115,10 @@ def manifest_caption(item):
 class CaptionStore:
     """SQLite store of captions keyed by (content hash, captioner identity, prompt version)."""
 
-    def __init__(self, path):
-        """Open (and create if needed) the store at ``path``."""
+    def __init__(self, path, _conn=None):
+        """Open (and create if needed) the store at ``path``; StateError if it is damaged."""
         self.path = Path(path)
-        self._conn = connect_sqlite(self.path)
-        with self._conn:
-            self._conn.executescript(_SCHEMA)
+        self._conn = _conn or open_guarded_sqlite(self.path, _SCHEMA, _FIGURES)
 
     def close(self):
         """Close the database connection."""
@@ -142,6 +155,8 @@ class CaptionStore:
                   rec.text if rec.status == 'ok' else None,
                   rec.error if rec.status == 'failed' else None, now, seq + i + 1)
                  for i, rec in enumerate(records)])
+            figures = sqlite_figures(self._conn, _FIGURES)
+        write_rows_record(rows_record_path(self.path), figures)  # after the commit, not before
         return len(records)
 
     def put_ok(self, content_hash, captioner, prompt_version, text):
@@ -217,3 +232,23 @@ class CaptionStore:
 def caption_store_path(state_dir):
     """Return the caption store file inside a state folder."""
     return Path(state_dir) / 'captions.sqlite'
+
+
+def repair_caption_store(path, gallery='GALLERY'):
+    """Check the caption store for ``cgrs index`` and repair it; return notes (empty if whole).
+
+    A damaged file is moved aside as ``captions.sqlite.corrupt-<time>`` and its readable rows
+    are copied into a fresh store (with their own seq numbers); a store that lost rows keeps
+    the rows it holds. Either way the indexer then rewrites the manifest captions from the
+    manifest; VLM captions that were lost can only come back from ``cgrs caption``.
+    """
+    conn, notes, lost = repair_guarded_sqlite(
+        path, _SCHEMA, _FIGURES,
+        salvage=lambda aside, fresh: salvage_rows(aside, fresh, 'captions', _COLUMNS))
+    conn.close()
+    if notes and lost != 0:
+        told = 'rows may have been lost' if lost is None else f'{lost} rows were lost'
+        notes.append(f'{told} from {Path(path).name}: manifest captions are written again from '
+                     f'the manifest, VLM captions that were lost need `cgrs caption {gallery}` '
+                     'again')
+    return notes

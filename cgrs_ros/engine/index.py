@@ -11,12 +11,19 @@ float32 takes ~6-10 ms for one query, less than the text encoders' forward pass,
 approximate index (HNSW, IVF) would save little latency at the cost of recall, build time and
 filter quality. The row matrix is read straight out of the FAISS index (no second copy), for
 scoring candidates that came from the other channel.
+
+A saved index is two files: ``NAME.faiss`` and ``NAME.json`` (row table, identity,
+fingerprint, and the ``.faiss`` file's size and SHA-256). :meth:`VectorIndex.check` /
+:meth:`VectorIndex.load` tell an index that is out of date (None: rebuild it, nothing is wrong)
+from one that is damaged (StateError naming the file). The checksum is what catches flipped
+bytes inside the vectors: FAISS reads such a file without complaint and ranks with it.
 """
 
 from pathlib import Path
 
+from cgrs_ros.engine.errors import StateError
 from cgrs_ros.engine.gallery import PLATFORMS
-from cgrs_ros.engine.storage import atomic_replace, atomic_write_json, read_json
+from cgrs_ros.engine.storage import atomic_replace, atomic_write_json, read_json, sha256_file
 import faiss
 import numpy as np
 
@@ -24,9 +31,11 @@ PLATFORM_CODES = {name: code for code, name in enumerate(PLATFORMS)}
 
 
 def write_faiss_index(index, path):
-    """Write a FAISS index atomically (faiss.write_index to a temp file, fsync, rename)."""
+    """Write a FAISS index atomically (temp file, fsync, rename); return (bytes, SHA-256)."""
     with atomic_replace(path) as tmp:
         faiss.write_index(index, tmp)
+        written = (Path(tmp).stat().st_size, sha256_file(tmp))
+    return written
 
 
 class VectorIndex:
@@ -117,24 +126,82 @@ class VectorIndex:
     def save(self, path, meta):
         """Write the index and a JSON row table (``meta`` adds identity/fingerprint)."""
         path = Path(path)
-        write_faiss_index(self.index, path.with_suffix('.faiss'))
+        size, digest = write_faiss_index(self.index, path.with_suffix('.faiss'))
         atomic_write_json(path.with_suffix('.json'), dict(
-            meta, row_items=self.row_items.tolist(), bounds=self.bounds.tolist()))
+            meta, row_items=self.row_items.tolist(), bounds=self.bounds.tolist(),
+            faiss_bytes=size, faiss_sha256=digest))
+
+    @staticmethod
+    def _meta(path, expect):
+        """Return the row table if it matches ``expect``, None when absent or out of date."""
+        table = path.with_suffix('.json')
+        if not table.exists():
+            return None
+        try:
+            meta = read_json(table)
+        except (OSError, ValueError) as exc:
+            raise StateError(table, f'unreadable JSON: {exc}') from None
+        if not isinstance(meta, dict):
+            raise StateError(table, 'it is not a JSON object')
+        if any(meta.get(key) != value for key, value in expect.items()):
+            return None
+        rows, bounds = meta.get('row_items'), meta.get('bounds')
+        if not (isinstance(rows, list) and isinstance(bounds, list)
+                and all(isinstance(v, int) for v in rows + bounds)
+                and len(bounds) == len(PLATFORMS) + 1 and bounds[0] == 0
+                and bounds[-1] == len(rows) and bounds == sorted(bounds)):
+            raise StateError(table, 'its row table (row_items, bounds) is malformed')
+        return meta
+
+    @classmethod
+    def check(cls, path, expect):
+        """Tell whether the saved index is current and intact, for ``cgrs index``.
+
+        Returns True when it is (sizes and SHA-256 match), False when it is absent, out of date
+        or written before checksums were recorded (rewrite it); raises StateError naming the
+        damaged file.
+        """
+        path = Path(path)
+        meta = cls._meta(path, expect)
+        if meta is None or 'faiss_sha256' not in meta:
+            return False
+        cls._check_faiss(path.with_suffix('.faiss'), meta)
+        return True
+
+    @staticmethod
+    def _check_faiss(faiss_path, meta):
+        try:
+            size = faiss_path.stat().st_size
+        except OSError as exc:
+            raise StateError(faiss_path, f'cannot read it ({exc.strerror or exc})') from None
+        if 'faiss_bytes' in meta and size != meta['faiss_bytes']:
+            raise StateError(faiss_path, f'it is {size} bytes, {faiss_path.stem}.json '
+                                         f'recorded {meta["faiss_bytes"]}')
+        if 'faiss_sha256' in meta and sha256_file(faiss_path) != meta['faiss_sha256']:
+            raise StateError(faiss_path, f'its SHA-256 differs from the one '
+                                         f'{faiss_path.stem}.json recorded')
 
     @classmethod
     def load(cls, path, n_items, expect):
-        """Read an index saved by :meth:`save` if its meta matches ``expect``; else None."""
+        """Read an index saved by :meth:`save` if its meta matches ``expect``; else None.
+
+        Raises StateError naming the file when the index is damaged (checked on every load:
+        the ``.faiss`` size and SHA-256, the row table's shape; an index saved before checksums
+        were recorded is still read, its damage found only where FAISS or the row table see it).
+        """
         path = Path(path)
+        meta = cls._meta(path, expect)
+        if meta is None:
+            return None
+        faiss_path = path.with_suffix('.faiss')
+        cls._check_faiss(faiss_path, meta)
         try:
-            meta = read_json(path.with_suffix('.json'))
-        except (OSError, ValueError):
-            return None
-        if any(meta.get(key) != value for key, value in expect.items()):
-            return None
-        try:
-            index = faiss.read_index(str(path.with_suffix('.faiss')))
-        except RuntimeError:
-            return None
-        if index.ntotal != len(meta['row_items']):
-            return None
-        return cls(index, meta['row_items'], meta['bounds'], n_items)
+            index = faiss.read_index(str(faiss_path))
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else 'read error'
+            raise StateError(faiss_path, f'FAISS cannot read it: {reason}') from None
+        rows = meta['row_items']
+        if index.ntotal != len(rows) or (rows and not 0 <= min(rows) <= max(rows) < n_items):
+            raise StateError(path.with_suffix('.json'), f'its row table does not fit the '
+                                                        f'{index.ntotal}-row index')
+        return cls(index, rows, meta['bounds'], n_items)

@@ -10,6 +10,14 @@ Image embeddings are checkpointed every ``image_encoder.checkpoint_every`` image
 so an interrupted run resumes where it stopped. Images that fail to decode are skipped with the
 reason and remembered by content hash, so later runs do not try them again (until the file
 changes).
+
+Every run first checks the state it reads and repairs what is damaged from what is intact
+(storage.py, "Integrity"): a damaged file hash cache is started afresh (files hashed again), a
+damaged embedding segment is dropped (its images or captions embedded again), an unreadable
+``meta.json`` is rebuilt from the segment files, a damaged caption store is moved aside and its
+readable rows salvaged (manifest captions written again), a damaged FAISS index is rebuilt from
+the embeddings. The summary lists each repair (``repairs``) and counts the items whose state
+was rebuilt as ``repaired``, never as ``unchanged``.
 """
 
 import dataclasses
@@ -18,14 +26,14 @@ import time
 
 from cgrs_ros.engine.captions import (caption_source_for, caption_store_path, CaptionRecord,
                                       CaptionSource, CaptionStore, manifest_caption,
-                                      MANIFEST_CAPTIONER)
+                                      MANIFEST_CAPTIONER, repair_caption_store)
 from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder,
                                       load_text_encoder, text_encoder_identity)
-from cgrs_ros.engine.errors import ConfigError, GalleryError
+from cgrs_ros.engine.errors import ConfigError, GalleryError, StateError
 from cgrs_ros.engine.gallery import decode_image, load_gallery
+from cgrs_ros.engine.index import VectorIndex
 from cgrs_ros.engine.retriever import build_image_index, image_index_fingerprint, image_index_path
-from cgrs_ros.engine.storage import (default_state_dir, EmbeddingStore, FileHashCache, read_json,
-                                     sha256_text)
+from cgrs_ros.engine.storage import default_state_dir, EmbeddingStore, FileHashCache, sha256_text
 import numpy as np
 from tqdm import tqdm
 
@@ -49,13 +57,17 @@ class SkippedItem:
 class IndexSummary:
     """What an index run did.
 
-    ``indexed``: items that needed model work this run; ``unchanged``: items already up to
-    date; ``skipped``: rows left out (or only partly indexed), with reasons.
+    ``indexed``: items that needed model work this run; ``repaired``: items without model work
+    whose state was rebuilt from a damaged file; ``unchanged``: items already up to date;
+    ``skipped``: rows left out (or only partly indexed), with reasons; ``repairs``: one line
+    per damaged state file found, saying what was done about it.
     """
 
     indexed: int = 0
     unchanged: int = 0
     skipped: list = dataclasses.field(default_factory=list)
+    repaired: int = 0
+    repairs: list = dataclasses.field(default_factory=list)
     images_embedded: int = 0
     captions_embedded: int = 0
     captions_written: int = 0
@@ -190,7 +202,10 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
     summary.state_dir = str(state)
     state.mkdir(parents=True, exist_ok=True)
 
-    hash_cache = FileHashCache(state)
+    hash_cache, notes = FileHashCache.open_or_reset(state)
+    summary.repairs.extend(notes)
+    rebuilt_all = bool(notes)  # a gallery-wide table was rebuilt: every item's record with it
+    rebuilt = set()            # content hashes whose embedding or index entry was rebuilt
     try:
         files = [(item.path, gallery.path_of(item)) for item in gallery.items]
         bar = tqdm(total=len(files), desc='checking files', unit='file',
@@ -206,6 +221,9 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
             identity = image_encoder_identity(config.image_encoder)
             summary.image_encoder = identity
             store = EmbeddingStore.for_encoder(state, 'image', identity)
+            notes, rebuilt_keys = store.repair()
+            summary.repairs.extend(notes)
+            rebuilt.update(rebuilt_keys)
             have = store.keys()
             known_bad = hash_cache.undecodable()
             path_of_hash, platform_of_hash = {}, {}
@@ -223,9 +241,14 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
             dead = len(have - live)
             if dead > max(CHECKPOINT_ROWS, len(live)):
                 store.compact(keep=live)  # most rows belong to images no longer in the gallery
-            _persist_image_index(state, gallery, hashes, identity, store)
+            outcome = _persist_image_index(state, gallery, hashes, identity, store, summary)
+            if outcome == 'repaired':
+                rebuilt.update(hashes)
 
         # Caption channel: manifest captions into the store, then caption text embeddings.
+        notes = repair_caption_store(caption_store_path(state), gallery_dir)
+        summary.repairs.extend(notes)
+        rebuilt_all = rebuilt_all or bool(notes)
         with CaptionStore(caption_store_path(state)) as captions:
             if config.captioner.backend == MANIFEST_CAPTIONER:
                 version = caption_source_for(config.captioner).prompt_version
@@ -236,6 +259,11 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
         summary.captioned = sum(text is not None for text in item_texts)
         if summary.captioned:
             summary.text_encoder = text_encoder_identity(config.text_encoder)
+            notes, rebuilt_keys = EmbeddingStore.for_encoder(
+                state, 'text', summary.text_encoder).repair()
+            summary.repairs.extend(notes)
+            rebuilt.update(content for content, text in zip(hashes, item_texts)
+                           if text is not None and sha256_text(text) in rebuilt_keys)
             embedded, loaded = embed_caption_texts(
                 state, config.text_encoder, [t for t in item_texts if t is not None], progress)
             if loaded:
@@ -256,6 +284,8 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
                 summary.skipped.append(SkippedItem(item.image_id, item.line, bad[content] + note))
             elif content in worked:
                 summary.indexed += 1
+            elif rebuilt_all or content in rebuilt:
+                summary.repaired += 1
             else:
                 summary.unchanged += 1
     finally:
@@ -264,23 +294,30 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
     return summary
 
 
-def _persist_image_index(state, gallery, hashes, identity, store):
-    """Write the FAISS image index for the current gallery unless it is already up to date."""
+def _persist_image_index(state, gallery, hashes, identity, store, summary):
+    """Write the FAISS image index for the current gallery unless it is current and intact.
+
+    Returns 'current', 'written' (it was out of date), 'repaired' (it was damaged: the damage
+    is added to ``summary.repairs``) or 'none' (no image has an embedding).
+    """
     path = image_index_path(state)
     expect = {'identity': identity,
               'fingerprint': image_index_fingerprint(identity, gallery.items, hashes)}
+    damage = None
     try:
-        meta = read_json(path.with_suffix('.json'))
-        if all(meta.get(k) == v for k, v in expect.items()) and path.with_suffix(
-                '.faiss').is_file():
-            return False
-    except (OSError, ValueError):
-        pass
+        if VectorIndex.check(path, expect):
+            return 'current'
+    except StateError as exc:
+        damage = exc
     keys, matrix = store.load()
     index = build_image_index(gallery, hashes, keys, matrix)
     if index is None:  # no image could be embedded: leave no stale index behind
         for suffix in ('.faiss', '.json'):
             path.with_suffix(suffix).unlink(missing_ok=True)
-        return False
+        return 'none'
     index.save(path, expect)
-    return True
+    if damage is None:
+        return 'written'
+    summary.repairs.append(f'{damage.path} was damaged ({damage.problem}); rebuilt the image '
+                           'index from the stored embeddings')
+    return 'repaired'

@@ -67,6 +67,11 @@ PARAMETERS = (
           minimum=1, maximum=TOP_K_MAX),
     Param('coarse_k', 20, 'Coarse (image-text) candidates reranked by captions.',
           minimum=1, maximum=1000),
+    Param('rerank_k', 0, 'Candidates the reranker stage scores; 0 = reranker.k of the config.',
+          minimum=0, maximum=1000),
+    Param('rerank_timeout_ms', 0.0, 'Per-goal budget of the reranker stage (ms); candidates '
+          'not scored in time keep their order; 0 = reranker.timeout_ms of the config.',
+          minimum=0.0, maximum=3_600_000.0),
     Param('publish_goal_pose', True, 'Publish the best candidate on /goal_pose for Nav2.'),
     Param('max_goal_length', 500, 'Longest goal text accepted, in characters.',
           minimum=1, maximum=100000),
@@ -176,6 +181,15 @@ class RetrievalNode(Node):
             self._datum = None  # recomputed before the next query
         elif name == 'coarse_k' and self._retriever is not None:
             self._retriever.config.retrieval.coarse_k = value  # read on every query
+        elif name in ('rerank_k', 'rerank_timeout_ms') and self._retriever is not None:
+            self._apply_rerank_params(self._retriever.config.reranker)
+
+    def _apply_rerank_params(self, section):
+        """Put the node's reranker overrides into the engine's reranker section (0 = keep)."""
+        if self.params['rerank_k']:
+            section.k = self.params['rerank_k']
+        if self.params['rerank_timeout_ms']:
+            section.timeout_ms = self.params['rerank_timeout_ms']
 
     def _datum_now(self):
         if self._datum is None:
@@ -294,11 +308,14 @@ class RetrievalNode(Node):
         overrides = {'retrieval.coarse_k': self.params['coarse_k'],
                      'retrieval.top_k': self.params['top_k']}
         config = load_config(self.params['config'] or None, overrides)
+        self._apply_rerank_params(config.reranker)
         started = time.monotonic()
         summary = index_gallery(gallery, config, state_dir=state, progress=False)
         self.get_logger().info(
             f'index of {gallery}: {summary.indexed} indexed, {summary.unchanged} unchanged, '
             f'{len(summary.skipped)} skipped ({time.monotonic() - started:.1f} s)')
+        for repair in summary.repairs:  # damaged state found and repaired by this index run
+            self.get_logger().warning(f'repaired: {repair}')
         for skipped in summary.skipped[:20]:
             self.get_logger().warning(f'skipped: {skipped}')
         self._retriever = Retriever.open(gallery, config, state_dir=state)
