@@ -34,7 +34,7 @@ import time
 from cgrs_ros.engine.captions import caption_source_for, caption_store_path, CaptionStore
 from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder,
                                       load_text_encoder, text_encoder_identity)
-from cgrs_ros.engine.errors import ConfigError, GalleryError, QueryError
+from cgrs_ros.engine.errors import ConfigError, GalleryError, QueryError, StateError
 from cgrs_ros.engine.gallery import load_gallery, PLATFORMS
 from cgrs_ros.engine.index import PLATFORM_CODES, VectorIndex
 from cgrs_ros.engine.query_norm import remove_command_words, remove_orientation_words
@@ -166,7 +166,19 @@ class Retriever:
 
     @classmethod
     def open(cls, gallery_dir, config, state_dir=None):  # noqa: A003 (the contract's name)
-        """Open an indexed gallery (run ``cgrs index`` first) with the encoders it needs."""
+        """Open an indexed gallery (run ``cgrs index`` first) with the encoders it needs.
+
+        State files are checked as they are opened (storage.py, "Integrity"; nothing is
+        checked per query): a damaged one raises StateError naming the file and the
+        ``cgrs index`` command for this gallery, which repairs it.
+        """
+        try:
+            return cls._open(gallery_dir, config, state_dir)
+        except StateError as exc:
+            raise exc.for_gallery(gallery_dir, state_dir) from None
+
+    @classmethod
+    def _open(cls, gallery_dir, config, state_dir):
         gallery = load_gallery(gallery_dir, check_images='exists')
         state_dir = Path(default_state_dir(gallery_dir) if state_dir is None else state_dir)
         if not (state_dir / 'state.sqlite').is_file():
@@ -188,7 +200,11 @@ class Retriever:
         retriever = cls(gallery, config, image_encoder=image_encoder, image_index=image_index,
                         item_hashes=hashes, state_dir=state_dir)
         retriever._store = CaptionStore(caption_store_path(state_dir))
-        retriever._sync_captions()
+        try:
+            retriever._sync_captions()
+        except BaseException:
+            retriever.close()
+            raise
         if retriever._captions.index is not None:
             retriever._text_encoder_loaded()  # now, not on the first query
         if image_index is None and retriever._captions.index is None:
@@ -208,12 +224,21 @@ class Retriever:
     def _load_image_index(state_dir, gallery, hashes, identity):
         expect = {'identity': identity,
                   'fingerprint': image_index_fingerprint(identity, gallery.items, hashes)}
-        index = VectorIndex.load(image_index_path(state_dir), len(gallery), expect)
-        if index is not None:
-            return index
-        # The gallery changed since the last `cgrs index` (or the index file is gone): build
-        # the index in memory from whatever embeddings exist; the next index run persists it.
-        logger.info('image index out of date; building it from stored embeddings')
+        try:
+            index = VectorIndex.load(image_index_path(state_dir), len(gallery), expect)
+        except StateError as exc:
+            # Damaged, but derived data: rebuilt from the (checked) embeddings it came from,
+            # the ranking is the same; `cgrs index` writes it again.
+            custom = None if state_dir == default_state_dir(gallery.root) else state_dir
+            logger.warning('%s; meanwhile the index is built in memory from the stored '
+                           'embeddings', exc.for_gallery(gallery.root, custom))
+        else:
+            if index is not None:
+                return index
+            # The gallery changed since the last `cgrs index` (or the index file is gone):
+            # build the index in memory from whatever embeddings exist; the next index run
+            # persists it.
+            logger.info('image index out of date; building it from stored embeddings')
         store = EmbeddingStore.for_encoder(state_dir, 'image', identity)
         keys, matrix = store.load()
         return build_image_index(gallery, hashes, keys, matrix)
