@@ -86,7 +86,7 @@ def test_stage_reorders_only_the_top_k_and_reports_its_scores(indexed):
     assert ids[0] == target
     assert sorted(ids[:4]) == sorted(base[:4])   # the stage reorders its k candidates only
     assert ids[4:] == tail                        # the rest keep their order after them
-    assert result.rerank == {'scored': 4, 'of': 4, 'budget_hit': False,
+    assert result.rerank == {'scored': 4, 'of': 4, 'failed': 0, 'budget_hit': False,
                              'reranker': 'test-pixels'}
     first = result.candidates[0]
     assert first.rerank_score == pytest.approx(0.95)
@@ -161,6 +161,7 @@ def test_an_unreadable_candidate_keeps_its_place(indexed, tmp_path):
     assert by_id[base[0]].rerank_score is None       # not scored: NaN -> None in the result
     assert by_id[base[1]].rerank_score == pytest.approx(0.95)
     assert result.rerank['scored'] == 3
+    assert result.rerank['failed'] == 1
 
 
 @pytest.mark.parametrize('section, message', [

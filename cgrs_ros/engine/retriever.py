@@ -88,8 +88,9 @@ class QueryResult:
     ``no_match`` is empty, or the reason the query matches nothing in this gallery (the
     relevance floor, ``retrieval.min_caption_score``); the candidates are still listed.
     ``rerank`` says what the reranker stage did: how many candidates it scored of how many it
-    was given (``scored``, ``of``), whether the time budget stopped it (``budget_hit``), the
-    reranker identity; empty when no stage ran.
+    was given (``scored``, ``of``), how many of those the model could not score (``failed``:
+    unreadable image, failed request), whether the time budget stopped it (``budget_hit``),
+    the reranker identity; empty when no stage ran.
     """
 
     query: str
@@ -496,6 +497,7 @@ class Retriever:
             rerank[order], final[order] = outcome.rerank, outcome.final
             order = order[outcome.order]
             rerank_info = {'scored': outcome.scored, 'of': outcome.considered,
+                           'failed': int(np.isnan(outcome.rerank[:outcome.scored]).sum()),
                            'budget_hit': outcome.budget_hit,
                            'reranker': self.reranker.identity}
         order = order[:top_k]

@@ -53,7 +53,9 @@ class RerankerSettings(pydantic.BaseModel):
     max_retries: int = pydantic.Field(2, ge=0, le=20)
     retry_backoff_s: float = pydantic.Field(0.5, ge=0)
     concurrency: int = pydantic.Field(4, ge=1, le=256)
-    max_image_side: Optional[int] = pydantic.Field(512, ge=16)
+    max_image_side: Optional[int] = pydantic.Field(
+        512, ge=16, description='Longer side candidate images are shrunk to before the model '
+                                'sees them (openai, transformers).')
     top_logprobs: int = pydantic.Field(10, ge=1, le=20)
     logprob_floor: float = pydantic.Field(
         -20.0, le=0.0, description='Log-probability assumed for Yes or No when the server does '

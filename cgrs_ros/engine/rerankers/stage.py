@@ -102,6 +102,10 @@ def run_stage(reranker, settings, query, fused, paths, platforms, captions,
         errors.extend(getattr(reranker, 'last_errors', None) or [])
         scored = batch.stop
     progress(scored, k)
+    if scored and np.isnan(rerank[:scored]).all():
+        logger.warning('reranker %s could not score any of the %d candidates (%s); the '
+                       'ranking is the one before the stage', reranker.identity, scored,
+                       '; '.join(errors[:2]) or 'see the log above')
     order = np.arange(n)
     if scored:
         prior = np.nan_to_num(minmax(fused[:scored]), nan=0.0)

@@ -104,6 +104,12 @@ class TransformersReranker(Reranker):
                 continue
             try:
                 rgb = image.convert('RGB')
+                side = self._settings.max_image_side
+                if side and max(rgb.size) > side:
+                    # Processors that tile large images (SmolVLM/Idefics3 split into up to
+                    # 16 tiles) cost per pixel: bound the cost per candidate here.
+                    rgb = rgb.copy()
+                    rgb.thumbnail((side, side))
             except Exception as exc:  # noqa: B902 - any decoding failure is this image's
                 logger.warning('reranker: cannot read candidate %d: %s', i, exc)
                 continue
