@@ -108,6 +108,53 @@ class QueryResult:
                 'rerank': dict(self.rerank)}
 
 
+@dataclasses.dataclass
+class CandidatePool:
+    """One query's candidates and each channel's score, before fusion (Retriever.candidates).
+
+    ``items`` are gallery positions: the first ``n_coarse`` from the coarse search, the rest
+    added by the caption channel's own search (hybrid). ``coarse`` / ``caption`` hold a score
+    per item (NaN where the channel has none), or are None when the channel did not run.
+    ``said`` is the query the reranker reads, ``reported`` the normalized query a result
+    reports, ``captions`` the caption snapshot (``captions.texts[item]``), ``t_encode`` and
+    ``t_coarse`` the ``perf_counter`` times the encode and coarse stages ended.
+    """
+
+    text: str
+    said: str
+    reported: str
+    items: np.ndarray
+    coarse: np.ndarray
+    caption: np.ndarray
+    n_coarse: int
+    captions: object
+    t_encode: float
+    t_coarse: float
+
+    def channels(self, caption_weight):
+        """Return ``(items, coarse, caption)`` as a query at ``caption_weight`` fuses them.
+
+        At weight 0 a query skips the caption channel when an image channel exists: only the
+        coarse search's candidates, with no caption scores.
+        """
+        if caption_weight == 0.0 and self.coarse is not None and self.caption is not None:
+            n = self.n_coarse
+            return self.items[:n], self.coarse[:n], None
+        return self.items, self.coarse, self.caption
+
+
+def fuse_candidates(coarse, caption, retrieval, caption_weight=None):
+    """Return ``(fused, order)`` of one query's candidates: rerank.fuse, then best first.
+
+    ``retrieval`` is the retrieval config section; ``caption_weight`` overrides its weight.
+    Ties keep candidate order (stable sort). Queries and ``cgrs eval --tune-weights`` both
+    rank through here.
+    """
+    weight = retrieval.caption_weight if caption_weight is None else caption_weight
+    fused = fuse(coarse, caption, retrieval.fusion, weight, retrieval.rrf_k)
+    return fused, np.argsort(-fused, kind='stable')
+
+
 def image_index_fingerprint(identity, items, hashes):
     """Hash of everything an image index depends on: encoder, item order, ids, contents."""
     digest = hashlib.sha256(identity.encode('utf-8'))
@@ -413,15 +460,13 @@ class Retriever:
         return [encoded[code][index[sat_text if code == SATELLITE else other_text]]
                 for code in range(len(PLATFORMS))]
 
-    def query(self, text, top_k=None, platform=None, on_stage=None):
-        """Rank gallery images for a description; returns a :class:`QueryResult`.
+    def candidates(self, text, top_k=None, platform=None, on_stage=None, with_captions=False):
+        """Return a query's :class:`CandidatePool`: encode, coarse search, caption channel.
 
-        ``on_stage(stage, progress)``, when given, is called as each stage starts ('encode',
-        'coarse', 'captions', and 'rerank i/k' before each reranker call; progress 0..1). It
-        may raise to abandon the query (the ROS node does so when its action goal is
-        cancelled).
+        The first half of :meth:`query` (arguments alike). The caption channel is skipped when
+        ``caption_weight`` is 0 and an image channel exists, unless ``with_captions`` (``cgrs
+        eval --tune-weights`` re-fuses one pool at several weights, 0 included).
         """
-        start = time.perf_counter()
         stage = on_stage or (lambda name, progress: None)
         self._check_query(text, top_k, platform)
         cfg = self.config.retrieval
@@ -429,7 +474,7 @@ class Retriever:
         image_index = self._image_index
         captions = self._captions  # one snapshot: a concurrent refresh swaps the whole object
         caption_index = captions.index
-        if image_index is not None and cfg.caption_weight == 0.0:
+        if image_index is not None and cfg.caption_weight == 0.0 and not with_captions:
             caption_index = None  # the caption channel could not change the order: skip it
         if image_index is None and caption_index is None:
             raise ConfigError('nothing to search: no image embeddings and no captions; run '
@@ -459,6 +504,7 @@ class Retriever:
                 self._groups(image_index, image_q, platform), k_search)
             coarse_scores = coarse_scores.astype(np.float64)
         t_coarse = time.perf_counter()
+        n_coarse = 0 if coarse_scores is None else len(items)
 
         stage('captions', 0.6)
         if caption_index is not None:
@@ -477,7 +523,28 @@ class Retriever:
             if caption_scores is None:
                 caption_scores = caption_index.scores_for(
                     items, np.stack(caption_q)[self._codes[items]])
-        fused = fuse(coarse_scores, caption_scores, cfg.fusion, cfg.caption_weight, cfg.rrf_k)
+        reported = normalized if cfg.remove_orientation_words != 'false' else said
+        return CandidatePool(text=text, said=said, reported=reported, items=items,
+                             coarse=coarse_scores, caption=caption_scores, n_coarse=n_coarse,
+                             captions=captions, t_encode=t_encode, t_coarse=t_coarse)
+
+    def query(self, text, top_k=None, platform=None, on_stage=None):
+        """Rank gallery images for a description; returns a :class:`QueryResult`.
+
+        ``on_stage(stage, progress)``, when given, is called as each stage starts ('encode',
+        'coarse', 'captions', and 'rerank i/k' before each reranker call; progress 0..1). It
+        may raise to abandon the query (the ROS node does so when its action goal is
+        cancelled).
+        """
+        start = time.perf_counter()
+        stage = on_stage or (lambda name, progress: None)
+        pool = self.candidates(text, top_k, platform, stage)
+        cfg = self.config.retrieval
+        top_k = int(top_k or cfg.top_k)
+        items, coarse_scores, caption_scores = pool.items, pool.coarse, pool.caption
+        captions, said = pool.captions, pool.said
+        t_encode, t_coarse = pool.t_encode, pool.t_coarse
+        fused, order = fuse_candidates(coarse_scores, caption_scores, cfg)
         no_match = ''
         if caption_scores is not None and cfg.min_caption_score is not None:
             finite = caption_scores[np.isfinite(caption_scores)]
@@ -487,7 +554,6 @@ class Retriever:
                             f'{best:.2f}, under retrieval.min_caption_score '
                             f'{cfg.min_caption_score:g}; describe the place (what it is, its '
                             'colours, what is near it)')
-        order = np.argsort(-fused, kind='stable')
         t_captions = time.perf_counter()
         rerank, final, rerank_info = None, None, {}
         if self.reranker is not None:
@@ -519,8 +585,8 @@ class Retriever:
         timings = {'encode': (t_encode - start) * 1e3, 'coarse': (t_coarse - t_encode) * 1e3,
                    'captions': (t_captions - t_coarse) * 1e3,
                    'rerank': (end - t_captions) * 1e3, 'total': (end - start) * 1e3}
-        reported = normalized if cfg.remove_orientation_words != 'false' else said
-        return QueryResult(query=text, normalized_query=reported, candidates=candidates,
+        return QueryResult(query=pool.text, normalized_query=pool.reported,
+                           candidates=candidates,
                            timings_ms=timings, no_match=no_match, rerank=rerank_info)
 
     def _rerank(self, query, order, items, fused, captions, stage, coarse, caption):

@@ -72,7 +72,6 @@ def run_stage(reranker, settings, query, fused, paths, platforms, captions,
     n = len(fused)
     k = min(settings.k, n)
     rerank = np.full(n, np.nan)
-    final = np.full(n, np.nan)
     deadline = (clock() + settings.timeout_ms / 1e3) if settings.timeout_ms else None
     progress = on_progress or (lambda done, total: None)
     scored, budget_hit, errors = 0, False, []
@@ -106,11 +105,25 @@ def run_stage(reranker, settings, query, fused, paths, platforms, captions,
         logger.warning('reranker %s could not score any of the %d candidates (%s); the '
                        'ranking is the one before the stage', reranker.identity, scored,
                        '; '.join(errors[:2]) or 'see the log above')
+    order, final = stage_order(fused, rerank, scored, settings.weight)
+    return StageOutcome(order=order, rerank=rerank, final=final, scored=scored,
+                        considered=k, budget_hit=budget_hit, errors=errors)
+
+
+def stage_order(fused, rerank, scored, weight):
+    """Return ``(order, final)``: the stage's arithmetic over the scored prefix, nothing else.
+
+    ``fused`` (descending) and ``rerank`` (P(match), NaN where not scored) are per input
+    position; the first ``scored`` are re-sorted by the convex mix of the module docstring,
+    the rest keep their place. Pure, so ``cgrs eval --tune-weights`` re-fuses P(match) scored
+    once at every grid weight with exactly the arithmetic a query uses.
+    """
+    n = len(fused)
     order = np.arange(n)
+    final = np.full(n, np.nan)
     if scored:
         prior = np.nan_to_num(minmax(fused[:scored]), nan=0.0)
         probs = np.where(np.isfinite(rerank[:scored]), rerank[:scored], prior)
-        final[:scored] = (1.0 - settings.weight) * prior + settings.weight * probs
+        final[:scored] = (1.0 - weight) * prior + weight * probs
         order[:scored] = np.argsort(-final[:scored], kind='stable')
-    return StageOutcome(order=order, rerank=rerank, final=final, scored=scored,
-                        considered=k, budget_hit=budget_hit, errors=errors)
+    return order, final
