@@ -6,33 +6,19 @@ digits were accepted, and a billion-laughs YAML took minutes and gigabytes.
 """
 
 import json
-import struct
 import subprocess
 import sys
 import time
-import zlib
 
 from cgrs_ros.engine.config import load_config
 from cgrs_ros.engine.errors import ConfigError
 from cgrs_ros.engine.gallery import decode_image, load_gallery, MAX_DECODED_SIDE
 from cgrs_ros.engine.learning.config import load_train_config
+from hostile_inputs import png_claiming
 from PIL import Image
 import pytest
 
 HEADER = 'image_id,path,lat,lon,alt,heading_deg,platform,group_id,description\n'
-
-
-def png_claiming(path, width, height):
-    """Write a small PNG whose header claims width x height (its pixel data is a stub)."""
-    def chunk(kind, data):
-        return (struct.pack('>I', len(data)) + kind + data
-                + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
-    ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    idat = zlib.compress(b'\0' * 300_000, 9)  # a few hundred bytes on disk
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', idat)
-                     + chunk(b'IEND', b''))
-    return path
 
 
 def _row(image_id, lat='47.0', alt='400', extra=''):
