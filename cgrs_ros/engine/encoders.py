@@ -107,11 +107,12 @@ class ImageTextEncoder(_Counting, abc.ABC):
     # encode_images then needs the platforms, and a query has one vector per platform.
     platform_experts = False
 
-    def encode_images(self, images, platforms=None):
+    def encode_images(self, images, platforms=None, threads=None):
         """Return float32 L2-normalized embeddings (n, dim) of PIL images.
 
         ``platforms`` (one per image) routes each image to its platform's expert; encoders
-        without experts ignore it.
+        without experts ignore it. ``threads`` overrides the encoder's torch thread count for
+        this call (an image query uses ``query_threads``).
         """
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -119,7 +120,7 @@ class ImageTextEncoder(_Counting, abc.ABC):
             raise ValueError('this encoder routes images by platform: pass one platform per '
                              'image')
         out = []
-        with self._forward():
+        with self._forward(threads):
             for start in range(0, len(images), self.batch_size):
                 batch = images[start:start + self.batch_size]
                 if self.platform_experts:

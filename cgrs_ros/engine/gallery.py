@@ -216,12 +216,29 @@ def decode_image(path, max_side=MAX_DECODED_SIDE):
     Raises ValueError for an image over :data:`MAX_IMAGE_PIXELS` and the decoder's own errors
     for corrupt data. JPEGs are decoded at a reduced scale when that is enough (``draft``).
     """
+    return _decode(path, str(path), max_side)
+
+
+def decode_image_bytes(data, max_side=MAX_DECODED_SIDE, name='the image'):
+    """Decode encoded image bytes (JPEG, PNG, ...) like :func:`decode_image` decodes a file.
+
+    For images that arrive over the wire (a ROS CompressedImage, an upload): the same pixel
+    budget and shrinking apply. ``name`` is how errors refer to the data.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f'{name} must be bytes, not {type(data).__name__}')
+    if not len(data):
+        raise ValueError(f'{name} is empty (0 bytes)')
+    return _decode(io.BytesIO(bytes(data)), name, max_side)
+
+
+def _decode(source, name, max_side):
     try:
-        image = _open_quietly(path)
+        image = _open_quietly(source)
     except Image.DecompressionBombError as exc:
-        raise ValueError(f'{path} is over the pixel budget ({exc})') from None
+        raise ValueError(f'{name} is over the pixel budget ({exc})') from None
     with image:
-        _check_pixels(*image.size, str(path))
+        _check_pixels(*image.size, name)
         image.draft('RGB', (max_side, max_side))
         image.load()
         image = image.convert('RGB')

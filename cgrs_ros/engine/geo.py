@@ -13,10 +13,12 @@ import math
 from cgrs_ros.engine.errors import ConfigError, GalleryError
 import numpy as np
 import pymap3d
+import pyproj
 
 # Every conversion names the ellipsoid explicitly so a change of pymap3d's default cannot
 # silently move the map frame.
 WGS84 = pymap3d.Ellipsoid.from_name('wgs84')
+_GEOD = pyproj.Geod(ellps='WGS84')
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,32 @@ def datum_from_items(items):
     centre_lat, centre_lon, _ = pymap3d.ecef2geodetic(
         float(np.mean(x)), float(np.mean(y)), float(np.mean(z)), ell=WGS84, deg=True)
     return Datum(float(centre_lat), float(centre_lon), float(np.mean(alt)))
+
+
+def geodesic_distance_m(lat, lon, lats, lons):
+    """Return the WGS84 geodesic distances (m) from (lat, lon) to every (lats[i], lons[i]).
+
+    pyproj's ``Geod.inv`` (Karney's algorithm): exact on the ellipsoid, at the poles and
+    across the antimeridian alike. Returns a float64 array shaped like ``lats``.
+    """
+    lats = np.asarray(lats, dtype=float)
+    lons = np.asarray(lons, dtype=float)
+    if not lats.size:
+        return np.zeros(lats.shape)
+    _, _, dist = _GEOD.inv(np.full(lats.shape, float(lon)), np.full(lats.shape, float(lat)),
+                           lons, lats)
+    return np.asarray(dist, dtype=float)
+
+
+def surface_ecef(lat, lon):
+    """Return Earth-centred (x, y, z) metres of positions on the WGS84 ellipsoid surface.
+
+    Arrays in, an (n, 3) array out. The straight-line (chord) distance between two such
+    points is never more than their geodesic distance, which makes it a cheap, safe prefilter
+    for "within R metres" before the exact :func:`geodesic_distance_m`.
+    """
+    lat = np.atleast_1d(np.asarray(lat, dtype=float))
+    lon = np.atleast_1d(np.asarray(lon, dtype=float))
+    x, y, z = pymap3d.geodetic2ecef(lat, lon, np.zeros_like(lat), ell=WGS84, deg=True)
+    return np.stack([np.asarray(x, dtype=float), np.asarray(y, dtype=float),
+                     np.asarray(z, dtype=float)], axis=1)

@@ -85,25 +85,46 @@ class VectorIndex:
         code = PLATFORM_CODES[platform]
         return int(self.bounds[code]), int(self.bounds[code + 1])
 
-    def search(self, groups, k):
+    def rows_of_items(self, items):
+        """Return the sorted rows of gallery items (items without a vector are left out)."""
+        rows = self.item_rows[np.asarray(items, dtype=np.int64)]
+        return np.sort(rows[rows >= 0])
+
+    def search(self, groups, k, rows=None):
         """Search (query vector, lo, hi) groups; return (item indices, scores), best first.
 
         Each group searches only rows lo..hi with its own query vector, k results each; the
         merged list keeps the best k overall. A group covering every row runs the bare search.
+        ``rows`` (sorted row numbers, e.g. :meth:`rows_of_items` of the items inside a search
+        area) further restricts every group to those rows: the allowed rows of the group's
+        range go to FAISS as an ``IDSelectorBatch``, so the filter applies before top-k and a
+        filtered query still gets k results when k rows pass it.
         """
         items, scores = [], []
         for vector, lo, hi in groups:
             if hi <= lo:
                 continue
+            allowed = None
+            if rows is not None:
+                allowed = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
+                if not len(allowed):
+                    continue
+                if len(allowed) == hi - lo:
+                    allowed = None  # the whole range passes: the range selector is enough
             query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-            kk = min(k, hi - lo)
-            if lo == 0 and hi == len(self):
-                dist, rows = self.index.search(query, kk)
+            kk = min(k, hi - lo if allowed is None else len(allowed))
+            if allowed is not None:
+                ids = np.ascontiguousarray(allowed, dtype=np.int64)
+                selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+                params = faiss.SearchParameters(sel=selector)
+                dist, rows_found = self.index.search(query, kk, params=params)
+            elif lo == 0 and hi == len(self):
+                dist, rows_found = self.index.search(query, kk)
             else:
                 params = faiss.SearchParameters(sel=faiss.IDSelectorRange(lo, hi))
-                dist, rows = self.index.search(query, kk, params=params)
-            keep = rows[0] >= 0
-            items.append(self.row_items[rows[0][keep]])
+                dist, rows_found = self.index.search(query, kk, params=params)
+            keep = rows_found[0] >= 0
+            items.append(self.row_items[rows_found[0][keep]])
             scores.append(dist[0][keep])
         if not items:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)

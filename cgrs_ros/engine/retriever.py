@@ -31,11 +31,14 @@ from pathlib import Path
 import threading
 import time
 
+from cgrs_ros.engine.area import items_within, SearchArea
 from cgrs_ros.engine.captions import caption_source_for, caption_store_path, CaptionStore
 from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder,
                                       load_text_encoder, text_encoder_identity)
 from cgrs_ros.engine.errors import ConfigError, GalleryError, QueryError, StateError
 from cgrs_ros.engine.gallery import load_gallery, PLATFORMS
+from cgrs_ros.engine.image_query import (DEFAULT_QUERY_PLATFORM, no_match_reason,
+                                         run_image_query)
 from cgrs_ros.engine.index import PLATFORM_CODES, VectorIndex
 from cgrs_ros.engine.query_norm import remove_command_words, remove_orientation_words
 from cgrs_ros.engine.rerank import fuse
@@ -460,7 +463,8 @@ class Retriever:
         return [encoded[code][index[sat_text if code == SATELLITE else other_text]]
                 for code in range(len(PLATFORMS))]
 
-    def candidates(self, text, top_k=None, platform=None, on_stage=None, with_captions=False):
+    def candidates(self, text, top_k=None, platform=None, on_stage=None, with_captions=False,
+                   near=None):
         """Return a query's :class:`CandidatePool`: encode, coarse search, caption channel.
 
         The first half of :meth:`query` (arguments alike). The caption channel is skipped when
@@ -469,6 +473,7 @@ class Retriever:
         """
         stage = on_stage or (lambda name, progress: None)
         self._check_query(text, top_k, platform)
+        area = items_within(self.gallery, near)  # item indices inside the area, or None
         cfg = self.config.retrieval
         top_k = int(top_k or cfg.top_k)
         image_index = self._image_index
@@ -501,7 +506,8 @@ class Retriever:
         stage('coarse', 0.5)
         if image_index is not None:
             items, coarse_scores = image_index.search(
-                self._groups(image_index, image_q, platform), k_search)
+                self._groups(image_index, image_q, platform), k_search,
+                rows=None if area is None else image_index.rows_of_items(area))
             coarse_scores = coarse_scores.astype(np.float64)
         t_coarse = time.perf_counter()
         n_coarse = 0 if coarse_scores is None else len(items)
@@ -510,7 +516,8 @@ class Retriever:
         if caption_index is not None:
             if image_index is None or cfg.caption_channel == 'hybrid':
                 cap_items, cap_scores = caption_index.search(
-                    self._groups(caption_index, caption_q, platform), k_search)
+                    self._groups(caption_index, caption_q, platform), k_search,
+                    rows=None if area is None else caption_index.rows_of_items(area))
                 if image_index is None:
                     items, caption_scores = cap_items, cap_scores.astype(np.float64)
                 else:
@@ -528,17 +535,19 @@ class Retriever:
                              coarse=coarse_scores, caption=caption_scores, n_coarse=n_coarse,
                              captions=captions, t_encode=t_encode, t_coarse=t_coarse)
 
-    def query(self, text, top_k=None, platform=None, on_stage=None):
+    def query(self, text, top_k=None, platform=None, on_stage=None, near=None):
         """Rank gallery images for a description; returns a :class:`QueryResult`.
 
         ``on_stage(stage, progress)``, when given, is called as each stage starts ('encode',
         'coarse', 'captions', and 'rerank i/k' before each reranker call; progress 0..1). It
         may raise to abandon the query (the ROS node does so when its action goal is
-        cancelled).
+        cancelled). ``near`` = ``(lat, lon, radius_m)`` keeps only images within that
+        geodesic radius, inside each channel's search (area.py), as :meth:`query_image` does.
         """
         start = time.perf_counter()
         stage = on_stage or (lambda name, progress: None)
-        pool = self.candidates(text, top_k, platform, stage)
+        area = SearchArea.parse(near)
+        pool = self.candidates(text, top_k, platform, stage, near=area)
         cfg = self.config.retrieval
         top_k = int(top_k or cfg.top_k)
         items, coarse_scores, caption_scores = pool.items, pool.coarse, pool.caption
@@ -554,6 +563,8 @@ class Retriever:
                             f'{best:.2f}, under retrieval.min_caption_score '
                             f'{cfg.min_caption_score:g}; describe the place (what it is, its '
                             'colours, what is near it)')
+        if area is not None and not len(items):
+            no_match = no_match_reason(platform, area)
         t_captions = time.perf_counter()
         rerank, final, rerank_info = None, None, {}
         if self.reranker is not None:
@@ -603,6 +614,23 @@ class Retriever:
                          [captions.texts[i] for i in ranked], on_progress=progress,
                          coarse=None if coarse is None else coarse[order],
                          caption=None if caption is None else caption[order])
+
+    def query_image(self, image, top_k=None, platform=None, on_stage=None, near=None,
+                    query_platform=DEFAULT_QUERY_PLATFORM):
+        """Rank gallery images for a photo; returns a :class:`QueryResult` (image_query.py).
+
+        ``image`` is a decoded PIL image (``gallery.decode_image`` / ``decode_image_bytes``),
+        embedded by the image encoder's image tower (through the ``query_platform`` expert
+        when the encoder has platform experts); the coarse score is the cosine with each
+        gallery image. ``platform`` keeps one platform's images (e.g. 'satellite' for drone ->
+        satellite); ``near`` = ``(lat, lon, radius_m)`` only images within that geodesic
+        radius, applied inside the FAISS search so k results come back when k images pass;
+        an empty area gives no candidates and a ``no_match`` reason. ``on_stage`` as in
+        :meth:`query` ('encode', 'coarse'). Raises ConfigError when ``image_encoder.backend``
+        is ``none`` and QueryError for a bad image or option.
+        """
+        return run_image_query(self, image, top_k=top_k, platform=platform,
+                               on_stage=on_stage, near=near, query_platform=query_platform)
 
 
 def build_image_index(gallery, hashes, keys, matrix):
