@@ -6,6 +6,7 @@ Subcommands::
     cgrs eval track4 --queries Q.txt --gallery DIR [--gt GT] [--submission OUT.txt] ...
     cgrs eval track4 --from-submission SUB.txt --gt GT     (score a finished submission)
     cgrs eval gallery GALLERY --queries QUERIES.csv ...
+    cgrs eval ... --tune-weights VAL                        (choose the fusion weights on VAL)
     cgrs eval compare A.json B.json                         (deltas between two reports)
     cgrs eval plot REPORT.json --out OUT.png                (re-plot a report)
 """
@@ -39,7 +40,19 @@ def _finish(report, args):
             print(f'report: {args.report}')
         if getattr(args, 'plot', None):
             print(f'plot: {args.plot}')
+    tuning = report.get('tuning')
+    if tuning:
+        # With --json stdout is the report alone; the lines to paste go to stderr then.
+        out = sys.stderr if args.json else sys.stdout
+        print('weights chosen on the validation set; paste into the engine config:', file=out)
+        print(tuning['config_yaml'], end='', file=out)
     return 0
+
+
+def _caption_progress(args):
+    """Return the captioning progress bar of ``cgrs caption`` for a run on a terminal."""
+    from cgrs_ros.cli.caption import _Bar
+    return _Bar(not args.json and sys.stderr.isatty())
 
 
 def _methods(args):
@@ -53,7 +66,8 @@ def run_geotext(args):
 
     report = runner.evaluate_geotext(
         args.ann, args.images, config_path=args.config, methods=_methods(args),
-        state_dir=args.state_dir, limit=args.limit, progress=not args.json)
+        state_dir=args.state_dir, limit=args.limit, progress=not args.json,
+        tune_path=args.tune_weights, caption_progress=_caption_progress(args))
     return _finish(report, args)
 
 
@@ -74,7 +88,8 @@ def run_track4(args):
     report = runner.evaluate_track4(
         args.queries, args.gallery, gt_path=args.gt, submission_path=args.submission,
         config_path=args.config, methods=_methods(args), state_dir=args.state_dir,
-        limit=args.limit, progress=not args.json)
+        limit=args.limit, progress=not args.json, tune_path=args.tune_weights,
+        tune_gt_path=args.tune_gt, caption_progress=_caption_progress(args))
     return _finish(report, args)
 
 
@@ -84,7 +99,8 @@ def run_gallery(args):
 
     report = runner.evaluate_gallery(
         args.gallery, args.queries, config_path=args.config, methods=_methods(args),
-        state_dir=args.state_dir, limit=args.limit, progress=not args.json)
+        state_dir=args.state_dir, limit=args.limit, progress=not args.json,
+        tune_path=args.tune_weights, caption_progress=_caption_progress(args))
     return _finish(report, args)
 
 
@@ -121,14 +137,20 @@ def run_plot(args):
     return 0
 
 
-def _add_run_options(parser, methods_default='coarse,rerank,hybrid'):
+def _add_run_options(parser, methods_default='coarse,rerank,hybrid', tune_help=''):
     parser.add_argument('--config', metavar='FILE', help='engine config YAML (default: built-in)')
     parser.add_argument('--methods', default=methods_default,
                         help='comma-separated retrieval methods to compare: coarse (image '
                              'embedding only), rerank (coarse top-k re-ordered by caption '
                              'similarity), hybrid (caption channel searches the whole gallery '
                              'too), config (the config file unchanged); one index serves them '
-                             f'all; default {methods_default}')
+                             'all; with a reranker configured each also runs with the '
+                             f'reranker stage as METHOD+reranker; default {methods_default}')
+    parser.add_argument('--tune-weights', metavar='VAL',
+                        help='choose retrieval.caption_weight (and reranker.weight, with a '
+                             'reranker) by R@1 on these validation queries, never on the '
+                             'evaluation queries, run the evaluation with them and print the '
+                             f'config lines to paste; VAL is {tune_help}')
     parser.add_argument('--state-dir', '--state', dest='state_dir', metavar='DIR',
                         help='gallery: the engine state folder (default GALLERY/.cgrs); '
                              'geotext/track4: the evaluation folder holding the generated '
@@ -163,7 +185,9 @@ def register(subparsers):
                          help='GeoText-1652 annotation JSON (its captions are the queries)')
     geotext.add_argument('--images', required=True, metavar='ROOT',
                          help='folder the annotation image paths are relative to')
-    _add_run_options(geotext)
+    _add_run_options(geotext,
+                     tune_help='an annotation JSON of the same format (e.g. held-out captions '
+                               'of these images), searched in this gallery')
     geotext.set_defaults(func=run_geotext)
 
     track4 = sub.add_parser('track4', help='RoboSense 2025 Track 4 queries + image folder')
@@ -176,14 +200,20 @@ def register(subparsers):
     track4.add_argument('--from-submission', metavar='SUB.txt',
                         help='score an existing submission file against --gt instead of '
                              'running retrieval')
-    _add_run_options(track4, methods_default='config')
+    track4.add_argument('--tune-gt', metavar='GT',
+                        help='ground truth of the --tune-weights queries (format of --gt)')
+    _add_run_options(track4, methods_default='config',
+                     tune_help='a query file of the same format (with --tune-gt), searched in '
+                               'this gallery')
     track4.set_defaults(func=run_track4)
 
     gallery = sub.add_parser('gallery', help='a project gallery with group_id + a query CSV')
     gallery.add_argument('gallery', metavar='GALLERY', help='gallery folder (with gallery.csv)')
     gallery.add_argument('--queries', required=True, metavar='QUERIES.csv',
                          help='CSV with columns query, group_id (optional platform)')
-    _add_run_options(gallery)
+    _add_run_options(gallery,
+                     tune_help='a query CSV searched in this gallery, or a gallery folder with '
+                               'its own queries.csv (another town)')
     gallery.set_defaults(func=run_gallery)
 
     compare = sub.add_parser('compare', help='print the deltas between two reports')

@@ -10,17 +10,26 @@ A report is a plain dict (written as JSON) with this shape::
                         'n_queries', 'n_absent', 'curve': {'t2i': [R@1..R@10]},
                         'by_platform': {platform: {'n_queries', 'n_absent', 't2i_r1', ...}},
                         'latency_ms': {stage: {'n', 'mean', 'p50', 'p95', 'max'}},
-                        'latency_samples_ms': {stage: [...]}}}}
+                        'latency_samples_ms': {stage: [...]},
+                        'per_query': [{'query_id', 'first_hit_rank', 'top10'}, ...]}},
+     'queries': [{'query_id', 'relevant'}, ...],
+     'captioning': {...}, 'tuning': {...}}       (the last two only when they ran)
 
-``latency_samples_ms`` keeps at most :data:`MAX_LATENCY_SAMPLES` values per stage (evenly
-strided, so the histogram keeps its shape) so that a report can be re-plotted later.
+Stages are those of ``QueryResult.timings_ms`` (encode, coarse, captions, rerank, total).
+With a reranker configured every method appears twice, ``hybrid`` (stage off) and
+``hybrid+reranker`` (stage on). ``per_query`` is for error analysis: the label (place /
+group id; the image id in Track 4) of each of the top 10 images and the 1-based rank of the
+first correct one (null when none of the 10 is). ``latency_samples_ms`` keeps at most
+:data:`MAX_LATENCY_SAMPLES` values per stage (evenly strided, so the histogram keeps its
+shape) so that a report can be re-plotted later.
 """
 
 import datetime
 import json
 
 from cgrs_ros.engine.errors import CgrsError
-from cgrs_ros.engine.evaluation.metrics import HEADLINE_KS, latency_summary, track4_score
+from cgrs_ros.engine.evaluation.metrics import (CURVE_MAX_K, HEADLINE_KS, latency_summary,
+                                                track4_score)
 from cgrs_ros.engine.storage import atomic_write_text
 
 REPORT_VERSION = 1
@@ -46,7 +55,19 @@ def stage_samples(timings):
     return stages
 
 
-def method_entry(result, timings=(), overrides=None, challenge_score=False, ks=HEADLINE_KS):
+def per_query_rows(query_ids, ranked_labels, hit_ranks, top=CURVE_MAX_K):
+    """Return one ``{'query_id', 'first_hit_rank', 'top10'}`` row per query (error analysis).
+
+    ``ranked_labels[q]`` are the labels of query ``q``'s ranked images, ``hit_ranks[q]`` the
+    1-based rank of its first hit (0: none in the list, written as null).
+    """
+    return [{'query_id': qid, 'first_hit_rank': int(rank) or None,
+             'top10': list(labels[:top])}
+            for qid, labels, rank in zip(query_ids, ranked_labels, hit_ranks)]
+
+
+def method_entry(result, timings=(), overrides=None, challenge_score=False, ks=HEADLINE_KS,
+                 per_query=None):
     """Return the report entry of one method from its RecallResult and per-query timings."""
     summary = result.summary(ks)
     metrics = {k: v for k, v in summary.items() if k.startswith(result.direction + '_r')}
@@ -67,6 +88,8 @@ def method_entry(result, timings=(), overrides=None, challenge_score=False, ks=H
         entry['shortest_list'] = summary['shortest_list']
     if 'by_platform' in summary:
         entry['by_platform'] = summary['by_platform']
+    if per_query is not None:
+        entry['per_query'] = list(per_query)
     return entry
 
 
@@ -137,11 +160,12 @@ def format_report(report):
         for stage in entry.get('latency_ms', {}):
             if stage not in stages:
                 stages.append(stage)
-    header = f"{'method':10s}" + ''.join(f'{m:>14s}' for m in metric_names)
+    width = max([10] + [len(name) for name in methods])
+    header = f"{'method':{width}s}" + ''.join(f'{m:>14s}' for m in metric_names)
     lines.append(header)
     for name, entry in methods.items():
         values = entry.get('metrics', {})
-        lines.append(f'{name:10s}' + ''.join(_fmt(values.get(m), 14) for m in metric_names))
+        lines.append(f'{name:{width}s}' + ''.join(_fmt(values.get(m), 14) for m in metric_names))
     platforms = sorted({p for e in methods.values() for p in e.get('by_platform', {})})
     if platforms:
         lines.append('per platform (queries):')
@@ -150,7 +174,7 @@ def format_report(report):
                 sub = entry.get('by_platform', {}).get(platform)
                 if not sub:
                     continue
-                lines.append(f"  {platform:9s} {name:10s} n={sub.get('n_queries'):<6d}"
+                lines.append(f"  {platform:9s} {name:{width}s} n={sub.get('n_queries'):<6d}"
                              + ''.join(f' {m}={_fmt(sub.get(m), 6)}' for m in metric_names
                                        if m in sub))
     if stages:
@@ -162,7 +186,14 @@ def format_report(report):
                 if stats and stats.get('n'):
                     parts.append(f"{stage} {_fmt(stats['p50'], 1)}/{_fmt(stats['p95'], 1)}/"
                                  f"{_fmt(stats['mean'], 1)}")
-            lines.append(f'  {name:10s} ' + '  '.join(parts))
+            lines.append(f'  {name:{width}s} ' + '  '.join(parts))
+    tuning = report.get('tuning')
+    if tuning:
+        chosen = tuning.get('chosen', {})
+        lines.append(f"weights tuned on {tuning.get('validation')} ({tuning.get('n_queries')} "
+                     f"queries): caption_weight {chosen.get('caption_weight')}, reranker weight "
+                     f"{chosen.get('reranker_weight')} (validation R@1 "
+                     f"{_fmt(chosen.get('t2i_r1'), 0)}, R@5 {_fmt(chosen.get('t2i_r5'), 0)})")
     absent = counts.get('absent_queries')
     if absent:
         lines.append(f'{absent} queries have no relevant item in the gallery; they count as '

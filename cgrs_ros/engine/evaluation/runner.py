@@ -7,6 +7,25 @@ Methods are query-time settings over ONE index (the gallery is embedded and capt
 - ``hybrid``: the caption channel also searches the whole gallery and the two lists are fused;
 - ``config``: the config file as it is, no override.
 
+Stages on and off in one run: when the config names a reranker (``reranker.backend`` not
+``none``), every method is run twice on the same open retriever, without the reranker stage
+(``hybrid``) and with it (``hybrid+reranker``). The reranker is loaded once for the whole run
+and lent to each method's retriever; the cheap stages (encode, coarse, captions) simply run
+again, so both variants' per-stage latencies are measured, not inferred.
+
+Every stage the config names runs: when ``captioner.backend`` is a VLM (transformers, openai,
+learned) the evaluation gallery is captioned first, by the resumable captioning run of
+``cgrs caption`` (captions are committed per batch, so a killed evaluation resumes them).
+
+``--tune-weights VAL`` chooses ``retrieval.caption_weight`` and ``reranker.weight`` on
+validation queries (tuning.py) before the evaluation queries are run with them. What VAL is:
+``gallery``: a query CSV searched in the evaluation gallery, or a gallery folder with its own
+``queries.csv`` (another town: indexed and captioned like the evaluation gallery);
+``geotext``: an annotation JSON of the same format whose captions are searched in the
+evaluation gallery (a split of the test captions); ``track4``: a query file of the same format
+with its own ground truth (``--tune-gt``), searched in the evaluation gallery. The evaluation
+queries are never read for tuning, and a VAL that is the evaluation query file is refused.
+
 Benchmarks whose images carry no manifest (GeoText-1652, Track 4) get an evaluation gallery
 folder: a ``gallery.csv`` written for the images and an ``images`` symlink to the user's image
 root, so nothing is written into the dataset. That manifest has no descriptions: annotation
@@ -14,13 +33,14 @@ captions are the queries, and putting them in the gallery would hand the benchma
 The images carry no geo-reference either, so lat/lon are 0 there.
 """
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
 import sys
 import time
 
-from cgrs_ros.engine.errors import GalleryError, QueryError
+from cgrs_ros.engine.errors import CgrsError, GalleryError, QueryError
 from cgrs_ros.engine.evaluation import datasets
 from cgrs_ros.engine.evaluation import report as report_mod
 from cgrs_ros.engine.evaluation.metrics import CURVE_MAX_K, evaluate_ranked_ids
@@ -36,6 +56,10 @@ IMAGES_LINK = 'images'
 # GeoText; the manifest needs one, and drone is what most of GeoText-1652 is (51k of 55k test
 # images). Per-platform figures use the platform parsed from the annotation, not this default.
 DEFAULT_PLATFORM = 'drone'
+# Captioner backends that write captions from pixels (cgrs caption); manifest / none do not.
+VLM_CAPTIONERS = ('transformers', 'openai', 'learned')
+# Suffix of the method name whose run has the reranker stage on.
+WITH_RERANKER = '+reranker'
 
 
 def parse_methods(text):
@@ -114,7 +138,7 @@ def _say(progress, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def _encoders(config, stats):
+def _encoders(config, stats, reranker=None):
     image = config.image_encoder
     image_name = f'{image.backend}:{image.model}'
     if image.backend == 'none':
@@ -125,85 +149,275 @@ def _encoders(config, stats):
         'image_encoder': stats.get('image_encoder') or image_name,
         'text_encoder': stats.get('text_encoder') or config.text_encoder.model,
         'captioner': config.captioner.backend,
+        'reranker': reranker or 'none',
     }
 
 
-def run_methods(gallery_dir, queries, methods, config_path=None, state_dir=None,
-                progress=True, max_k=CURVE_MAX_K):
-    """Index the gallery once, then run every query with every method.
+@dataclasses.dataclass
+class ValidationSet:
+    """Validation queries for ``--tune-weights`` and the gallery they are searched in.
 
-    Returns ``(runs, base_config, stats, index_summary)`` where ``runs[method]`` is
-    ``(ranked ids per query, timings per query)``. Each method answers one untimed warm-up
-    query first (the first query's text), so one-off costs such as lazy allocations in torch
-    do not land on the first measured query.
+    ``gallery_dir`` None: the evaluation gallery; otherwise another gallery (its default
+    state folder). ``label_of`` maps that gallery's image ids to labels.
+    """
+
+    source: str
+    queries: list
+    label_of: dict = None
+    gallery_dir: str = None
+    problems: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class MethodRuns:
+    """What :func:`run_methods` measured.
+
+    ``runs[name]`` is ``(ranked ids per query, timings per query)`` and ``overrides[name]``
+    the config overrides that made the run, for every method and, with a reranker,
+    ``<method>+reranker``; ``index`` the IndexSummary, ``captioning`` the CaptionSummary of
+    the captioning run (None without a VLM captioner), ``tuning`` the Tuning (None without
+    ``--tune-weights``), ``reranker`` the reranker identity.
+    """
+
+    runs: dict
+    overrides: dict
+    base: object
+    stats: dict
+    index: object
+    captioning: object = None
+    tuning: object = None
+    reranker: str = None
+
+
+def caption_eval_gallery(gallery_dir, config, state_dir=None, progress=True,
+                         caption_progress=None):
+    """Caption a gallery with the configured VLM captioner before it is indexed.
+
+    The resumable run of ``cgrs caption`` (captioning.py): only images without a caption from
+    this captioner are captioned, each batch is committed, so a second evaluation captions
+    nothing and a killed one resumes. Returns its CaptionSummary, or None when the captioner
+    is not a VLM (manifest descriptions, none). Raises CgrsError when the run gave up (the
+    captioner failed batch after batch): recall without captions would measure the outage.
+    """
+    if config.captioner.backend not in VLM_CAPTIONERS:
+        return None
+    from cgrs_ros.engine.captioning import run_captioning
+
+    _say(progress, f'captioning {gallery_dir} with captioner {config.captioner.backend} '
+                   '(resumable) ...')
+    try:
+        summary = run_captioning(gallery_dir, config, state_dir=state_dir,
+                                 progress=caption_progress)
+    finally:
+        close = getattr(caption_progress, 'close', None)
+        if close:
+            close()
+    if summary.aborted:
+        raise CgrsError(f'captioning the evaluation gallery {gallery_dir} gave up: '
+                        f'{summary.aborted}; the captions written so far are kept')
+    _say(progress, f'captions: {summary.new_captions} new this run, {summary.captioned} of '
+                   f'{summary.total} images captioned, {summary.failed} failed')
+    return summary
+
+
+def _open(gallery_dir, config_path, overrides, state_dir):
+    """Open a retriever with ``overrides``; its own reranker stays off (the shared one is lent)."""
+    from cgrs_ros.engine.config import load_config
+    from cgrs_ros.engine.retriever import Retriever
+
+    config = load_config(config_path, overrides={**overrides, 'reranker.backend': 'none'})
+    return Retriever.open(gallery_dir, config, state_dir=state_dir)
+
+
+def _run_queries(retriever, queries, max_k):
+    """Answer every query; return (ranked ids per query, stage timings per query)."""
+    ranked, timings = [], []
+    if queries:
+        retriever.query(queries[0].text, top_k=max_k)  # untimed warm-up
+    for query in queries:
+        start = time.perf_counter()
+        result = retriever.query(query.text, top_k=max_k)
+        wall_ms = (time.perf_counter() - start) * 1000.0
+        ranked.append([c.image_id for c in result.candidates])
+        stage_ms = dict(result.timings_ms or {})
+        stage_ms.setdefault('total', wall_ms)
+        timings.append(stage_ms)
+    return ranked, timings
+
+
+def _tune(validation, gallery_dir, config_path, base, state_dir, reranker, max_k, progress,
+          caption_progress):
+    """Run the grid search of tuning.py on the validation set; return its Tuning."""
+    from cgrs_ros.engine.evaluation.tuning import tune_weights
+    from cgrs_ros.engine.indexer import index_gallery
+
+    if validation.gallery_dir is not None:
+        gallery_dir, state_dir = validation.gallery_dir, None
+        caption_eval_gallery(gallery_dir, base, None, progress, caption_progress)
+        _say(progress, f'indexing the validation gallery {gallery_dir} ...')
+        index_gallery(gallery_dir, base, progress=progress)
+    retriever = _open(gallery_dir, config_path, {}, state_dir)
+    try:
+        return tune_weights(retriever, reranker, validation.queries, validation.label_of,
+                            max_k, say=lambda message: _say(progress, message))
+    finally:
+        retriever.close()
+
+
+def run_methods(gallery_dir, queries, methods, config_path=None, state_dir=None,
+                progress=True, max_k=CURVE_MAX_K, validation=None, caption_progress=None):
+    """Caption and index the gallery once, then run every query with every method.
+
+    Returns a :class:`MethodRuns`. With a reranker configured each method runs twice on one
+    open retriever: stage off (``method``), then on (``method+reranker``), with the one
+    reranker loaded for the whole run. With ``validation`` (a :class:`ValidationSet`) the
+    fusion weights are tuned on it first and every method runs with the chosen ones. Each run
+    answers one untimed warm-up query first (the first query's text), so one-off costs such
+    as lazy allocations in torch do not land on the first measured query.
     """
     from cgrs_ros.engine.config import load_config
     from cgrs_ros.engine.indexer import index_gallery
-    from cgrs_ros.engine.retriever import Retriever
+    from cgrs_ros.engine.rerankers import make_reranker
 
     base = load_config(config_path)
+    captioning = caption_eval_gallery(gallery_dir, base, state_dir, progress, caption_progress)
     _say(progress, f'indexing {gallery_dir} ...')
     summary = index_gallery(gallery_dir, base, state_dir=state_dir, progress=progress)
-    runs, stats = {}, {}
-    for method in methods:
-        overrides = dict(METHOD_OVERRIDES[method])
-        overrides['retrieval.top_k'] = max(max_k, base.retrieval.top_k)
-        config = load_config(config_path, overrides=overrides)
-        retriever = Retriever.open(gallery_dir, config, state_dir=state_dir)
-        stats = retriever.stats()
-        ranked, timings = [], []
-        _say(progress, f'{method}: {len(queries)} queries ...')
-        if queries:
-            retriever.query(queries[0].text, top_k=max_k)
-        for query in queries:
-            start = time.perf_counter()
-            result = retriever.query(query.text, top_k=max_k)
-            wall_ms = (time.perf_counter() - start) * 1000.0
-            ranked.append([c.image_id for c in result.candidates])
-            stage_ms = dict(result.timings_ms or {})
-            stage_ms.setdefault('total', wall_ms)
-            timings.append(stage_ms)
-        runs[method] = (ranked, timings)
-        close = getattr(retriever, 'close', None)
-        if close:
-            close()
-    return runs, base, stats, summary
+    out = MethodRuns(runs={}, overrides={}, base=base, stats={}, index=summary,
+                     captioning=captioning)
+    top_k = {'retrieval.top_k': max(max_k, base.retrieval.top_k)}
+    reranker = make_reranker(base.reranker)  # once: every method's retriever borrows it
+    try:
+        if reranker is not None:
+            out.reranker = reranker.identity
+        tuned = {}
+        if validation is not None:
+            out.tuning = _tune(validation, gallery_dir, config_path, base, state_dir, reranker,
+                               max_k, progress, caption_progress)
+            tuned = out.tuning.overrides()
+        for method in methods:
+            overrides = {**tuned, **METHOD_OVERRIDES[method]}
+            retriever = _open(gallery_dir, config_path, {**overrides, **top_k}, state_dir)
+            try:
+                out.stats = retriever.stats()
+                _say(progress, f'{method}: {len(queries)} queries ...')
+                out.runs[method] = _run_queries(retriever, queries, max_k)
+                out.overrides[method] = (dict(overrides, **{'reranker.backend': 'none'})
+                                         if reranker is not None else overrides)
+                if reranker is not None:
+                    name = method + WITH_RERANKER
+                    _say(progress, f'{name}: {len(queries)} queries ...')
+                    retriever.reranker = reranker
+                    try:
+                        out.runs[name] = _run_queries(retriever, queries, max_k)
+                    finally:
+                        retriever.reranker = None  # shared: closed once, below
+                    out.overrides[name] = overrides
+            finally:
+                retriever.close()
+    finally:
+        if reranker is not None:
+            reranker.close()
+    return out
 
 
-def _report(benchmark, eval_set, label_of, runs, methods, base, stats, summary, inputs,
-            problems, notes=(), challenge_score=False):
+def _report(benchmark, eval_set, label_of, runs, methods, inputs, problems, notes=(),
+            challenge_score=False, validation=None):
+    """Assemble the report of a :class:`MethodRuns` over ``eval_set``."""
     notes = list(notes)
     entries, absent = {}, []
-    platforms = [q.platform for q in eval_set.queries]
+    queries = eval_set.queries
+    platforms = [q.platform for q in queries]
     use_platforms = platforms if any(platforms) else None
-    relevant = [q.relevant for q in eval_set.queries]
-    for method in methods:
-        ranked, timings = runs[method]
+    relevant = [q.relevant for q in queries]
+    query_ids = [q.query_id for q in queries]
+    for name, (ranked, timings) in runs.runs.items():
         result = evaluate_ranked_ids(ranked, relevant, label_of, 't2i',
                                      query_platforms=use_platforms)
-        absent = [eval_set.queries[i].query_id for i in result.absent]
-        entries[method] = report_mod.method_entry(result, timings, METHOD_OVERRIDES[method],
-                                                  challenge_score=challenge_score)
+        absent = [queries[i].query_id for i in result.absent]
+        per_query = report_mod.per_query_rows(
+            query_ids, [[label_of[i] for i in ids] for ids in ranked], result.hit_ranks)
+        entries[name] = report_mod.method_entry(result, timings, runs.overrides[name],
+                                                challenge_score=challenge_score,
+                                                per_query=per_query)
     groups = {label for label in label_of.values() if label is not None}
-    counts = {'queries': len(eval_set.queries), 'gallery_images': len(label_of),
+    counts = {'queries': len(queries), 'gallery_images': len(label_of),
               'groups': len(groups), 'absent_queries': len(absent)}
+    stats, base = runs.stats, runs.base
     if 'captioned' in stats:
         counts['captioned'] = stats['captioned']
         if not stats['captioned'] and set(methods) & {'rerank', 'hybrid'}:
             where = inputs.get('work_dir') or inputs.get('gallery')
-            notes.append(f'no image has a caption from captioner {base.captioner.backend}: '
-                         f'rerank and hybrid fall back to the coarse order; caption the '
-                         f'gallery {where} with a VLM captioner and run again')
-    problems = list(problems) + [str(s) for s in summary.skipped]
+            notes.append(f'no image has a caption from captioner {base.captioner.backend} '
+                         f'in {where}: rerank and hybrid fall back to the coarse order; set '
+                         'captioner.backend to a VLM (transformers, openai, learned) and cgrs '
+                         'eval captions the gallery first')
+    captioning = runs.captioning
+    if captioning is not None and captioning.failed:
+        notes.append(f'{captioning.failed} of {captioning.total} gallery images have no caption '
+                     f'from {captioning.captioner} (failed; a later run retries them)')
+    problems = list(problems) + [str(s) for s in runs.index.skipped]
     report = report_mod.build_report(
         benchmark, entries, counts, config=base.model_dump(mode='json'),
-        encoders=_encoders(base, stats), inputs=inputs, absent_query_ids=absent,
-        problems=problems, notes=notes)
-    report['index'] = {key: getattr(summary, key) for key in (
+        encoders=_encoders(base, stats, runs.reranker), inputs=inputs,
+        absent_query_ids=absent, problems=problems, notes=notes)
+    report['queries'] = [{'query_id': q.query_id, 'relevant': sorted(q.relevant)}
+                         for q in queries]
+    report['index'] = {key: getattr(runs.index, key) for key in (
         'indexed', 'unchanged', 'images_embedded', 'captions_embedded', 'state_dir',
         'elapsed_s')}
-    report['index']['skipped'] = len(summary.skipped)
+    report['index']['skipped'] = len(runs.index.skipped)
+    if captioning is not None:
+        report['captioning'] = {key: getattr(captioning, key) for key in (
+            'captioner', 'prompt_version', 'total', 'captioned', 'failed', 'pending',
+            'new_captions', 'new_failures', 'elapsed_s')}
+    if runs.tuning is not None:
+        tuning = runs.tuning.to_dict()
+        tuning['validation'] = validation.source
+        tuning['validation_gallery'] = validation.gallery_dir
+        same = {q.text for q in validation.queries} & {q.text for q in queries}
+        if same and validation.gallery_dir is None:
+            tuning['notes'].append(f'{len(same)} validation queries have the same text as an '
+                                   'evaluation query; the figures are optimistic by that much')
+        report['tuning'] = tuning
+        report['notes'].extend(f'tuning: {note}' for note in tuning['notes'])
+        report['problems'].extend(f'validation: {p}' for p in
+                                  (validation.problems + tuning['problems'])[:20])
     return report
+
+
+def _refuse_evaluation_queries(tune_path, queries_path):
+    """Raise QueryError when the validation file is the evaluation query file itself."""
+    if Path(tune_path).resolve() == Path(queries_path).resolve():
+        raise QueryError(f'--tune-weights names the evaluation queries {queries_path}; pass a '
+                         'separate validation set (weights tuned on the queries they are '
+                         'reported on overstate recall)')
+
+
+def gallery_validation(tune_path, gallery_dir, queries_path, label_of):
+    """Read ``--tune-weights`` for ``cgrs eval gallery`` into a :class:`ValidationSet`.
+
+    A CSV file: queries searched in the evaluation gallery. A folder: its ``queries.csv``,
+    searched in that folder's own gallery when it has a manifest and is another gallery.
+    """
+    from cgrs_ros.engine.gallery import find_manifest, load_gallery
+
+    path, other = Path(tune_path), None
+    if path.is_dir():
+        try:
+            find_manifest(path)
+            if path.resolve() != Path(gallery_dir).resolve():
+                other = path
+        except GalleryError:
+            pass
+        path = path / 'queries.csv'
+    _refuse_evaluation_queries(path, queries_path)
+    val = datasets.read_gallery_queries(path)
+    if other is not None:
+        gallery = load_gallery(other, check_images='exists')
+        label_of = {item.image_id: item.group_id for item in gallery.items}
+    return ValidationSet(str(tune_path), val.queries, label_of,
+                         str(other) if other is not None else None, val.problems)
 
 
 def _limit(eval_set, limit):
@@ -216,9 +430,17 @@ def _limit(eval_set, limit):
 
 def evaluate_geotext(ann_path, images_root, config_path=None,
                      methods=('coarse', 'rerank', 'hybrid'), state_dir=None, limit=None,
-                     progress=True):
-    """Evaluate a GeoText-1652 annotation file: every caption is a text->image query."""
+                     progress=True, tune_path=None, caption_progress=None):
+    """Evaluate a GeoText-1652 annotation file: every caption is a text->image query.
+
+    ``tune_path``: an annotation JSON of the same format whose captions tune the weights,
+    searched in this evaluation gallery (see the module docstring).
+    """
     eval_set = _limit(datasets.load_geotext(ann_path), limit)
+    validation_set = None
+    if tune_path:
+        _refuse_evaluation_queries(tune_path, ann_path)
+        validation_set = datasets.load_geotext(tune_path)
     work_dir = Path(state_dir) if state_dir else default_work_dir('geotext', ann_path,
                                                                   images_root)
     _say(progress, f'evaluation folder: {work_dir}')
@@ -226,21 +448,38 @@ def evaluate_geotext(ann_path, images_root, config_path=None,
         work_dir, images_root, eval_set.images,
         lambda image: datasets.resolve_geotext_image(images_root, image))
     label_of = {image.image_id: image.group_id for image in kept}
-    runs, base, stats, summary = run_methods(gallery_dir, eval_set.queries, methods,
-                                             config_path, progress=progress)
+    validation = None
+    if validation_set is not None:
+        validation = ValidationSet(str(tune_path), validation_set.queries, label_of,
+                                   problems=validation_set.problems)
+    runs = run_methods(gallery_dir, eval_set.queries, methods, config_path, progress=progress,
+                       validation=validation, caption_progress=caption_progress)
     notes = ['GeoText-1652 images carry no geo-reference: the evaluation manifest has lat/lon '
              '0; annotation captions are used as queries only, never as gallery descriptions.']
-    return _report('geotext', eval_set, label_of, runs, methods, base, stats, summary,
+    return _report('geotext', eval_set, label_of, runs, methods,
                    {'ann': str(ann_path), 'images': str(images_root), 'work_dir': str(work_dir),
-                    'config': str(config_path) if config_path else None},
-                   eval_set.problems + missing, notes)
+                    'config': str(config_path) if config_path else None,
+                    'tune_weights': str(tune_path) if tune_path else None},
+                   eval_set.problems + missing, notes, validation=validation)
 
 
 def evaluate_track4(queries_path, gallery_dir, gt_path=None, submission_path=None,
                     config_path=None, methods=('config',), state_dir=None, limit=None,
-                    progress=True):
-    """Run RoboSense Track 4 queries; write the submission of the first method; score if GT."""
+                    progress=True, tune_path=None, tune_gt_path=None, caption_progress=None):
+    """Run RoboSense Track 4 queries; write the submission of the first method; score if GT.
+
+    The submission comes from the first method with every configured stage on (its
+    ``+reranker`` run when a reranker is configured). ``tune_path`` / ``tune_gt_path``: a
+    query file and its ground truth that tune the weights (see the module docstring).
+    """
+    if tune_path and not tune_gt_path:
+        raise QueryError('--tune-weights for track4 needs --tune-gt, the ground truth of the '
+                         'validation queries (same format as --gt)')
     eval_set = _limit(datasets.load_track4(queries_path, gallery_dir, gt_path), limit)
+    validation_set = None
+    if tune_path:
+        _refuse_evaluation_queries(tune_path, queries_path)
+        validation_set = datasets.load_track4(tune_path, gallery_dir, tune_gt_path)
     work_dir = Path(state_dir) if state_dir else default_work_dir('track4', gallery_dir)
     _say(progress, f'evaluation folder: {work_dir}')
     images_dir = Path(gallery_dir)
@@ -248,23 +487,33 @@ def evaluate_track4(queries_path, gallery_dir, gt_path=None, submission_path=Non
         work_dir, images_dir, eval_set.images,
         lambda image: images_dir / image.path if (images_dir / image.path).is_file() else None)
     label_of = {image.image_id: image.image_id for image in kept}
-    runs, base, stats, summary = run_methods(eval_gallery, eval_set.queries, methods,
-                                             config_path, progress=progress)
+    validation = None
+    if validation_set is not None:
+        validation = ValidationSet(str(tune_path), validation_set.queries, label_of,
+                                   problems=validation_set.problems)
+    runs = run_methods(eval_gallery, eval_set.queries, methods, config_path,
+                       progress=progress, validation=validation,
+                       caption_progress=caption_progress)
+    first = methods[0] + WITH_RERANKER if methods[0] + WITH_RERANKER in runs.runs \
+        else methods[0]
     if submission_path:
-        ranked = runs[methods[0]][0]
+        ranked = runs.runs[first][0]
         datasets.write_track4_submission(
             submission_path, [(q.query_id, ids) for q, ids in zip(eval_set.queries, ranked)])
-    notes = [f'submission written from method {methods[0]}' if submission_path else
+    notes = [f'submission written from method {first}' if submission_path else
              'no submission written (pass --submission)']
     if not gt_path:
         notes.append('no ground truth given: recall figures are 0 and mean nothing')
-    report = _report('track4', eval_set, label_of, runs, methods, base, stats, summary,
+    report = _report('track4', eval_set, label_of, runs, methods,
                      {'queries': str(queries_path), 'gallery': str(gallery_dir),
                       'gt': str(gt_path) if gt_path else None,
                       'submission': str(submission_path) if submission_path else None,
                       'work_dir': str(work_dir),
-                      'config': str(config_path) if config_path else None},
-                     eval_set.problems + missing, notes, challenge_score=bool(gt_path))
+                      'config': str(config_path) if config_path else None,
+                      'tune_weights': str(tune_path) if tune_path else None,
+                      'tune_gt': str(tune_gt_path) if tune_gt_path else None},
+                     eval_set.problems + missing, notes, challenge_score=bool(gt_path),
+                     validation=validation)
     return report
 
 
@@ -307,8 +556,12 @@ def score_track4_submission(submission_path, gt_path, queries_path=None):
 
 def evaluate_gallery(gallery_dir, queries_path, config_path=None,
                      methods=('coarse', 'rerank', 'hybrid'), state_dir=None, limit=None,
-                     progress=True):
-    """Evaluate a project gallery whose manifest has group_id on a (query, group_id) CSV."""
+                     progress=True, tune_path=None, caption_progress=None):
+    """Evaluate a project gallery whose manifest has group_id on a (query, group_id) CSV.
+
+    ``tune_path``: a query CSV, or a gallery folder with ``queries.csv``, that tunes the
+    weights (see :func:`gallery_validation`).
+    """
     from cgrs_ros.engine.gallery import load_gallery
 
     eval_set = _limit(datasets.read_gallery_queries(queries_path), limit)
@@ -317,11 +570,15 @@ def evaluate_gallery(gallery_dir, queries_path, config_path=None,
     if not any(label_of.values()):
         raise GalleryError(f'the manifest of {gallery_dir} has no group_id values; add a '
                            f'group_id column naming the building or place of each image')
-    runs, base, stats, summary = run_methods(gallery_dir, eval_set.queries, methods,
-                                             config_path, state_dir=state_dir,
-                                             progress=progress)
+    validation = (gallery_validation(tune_path, gallery_dir, queries_path, label_of)
+                  if tune_path else None)
+    runs = run_methods(gallery_dir, eval_set.queries, methods, config_path,
+                       state_dir=state_dir, progress=progress, validation=validation,
+                       caption_progress=caption_progress)
     problems = eval_set.problems + [str(p) for p in gallery.problems]
-    return _report('gallery', eval_set, label_of, runs, methods, base, stats, summary,
+    return _report('gallery', eval_set, label_of, runs, methods,
                    {'gallery': str(gallery_dir), 'queries': str(queries_path),
                     'state_dir': str(state_dir) if state_dir else None,
-                    'config': str(config_path) if config_path else None}, problems)
+                    'config': str(config_path) if config_path else None,
+                    'tune_weights': str(tune_path) if tune_path else None},
+                   problems, validation=validation)
