@@ -6,6 +6,8 @@ Subcommands::
     cgrs eval track4 --queries Q.txt --gallery DIR [--gt GT] [--submission OUT.txt] ...
     cgrs eval track4 --from-submission SUB.txt --gt GT     (score a finished submission)
     cgrs eval gallery GALLERY --queries QUERIES.csv ...
+    cgrs eval gallery GALLERY --image-queries [--from drone --to satellite]   (R@K and AP)
+    cgrs eval university1652 ROOT | sues200 ROOT --height 150   (drone <-> satellite photos)
     cgrs eval ... --tune-weights VAL                        (choose the fusion weights on VAL)
     cgrs eval compare A.json B.json                         (deltas between two reports)
     cgrs eval plot REPORT.json --out OUT.png                (re-plot a report)
@@ -14,6 +16,7 @@ Subcommands::
 import json
 import sys
 
+from cgrs_ros.cli.eval_crossview import register_crossview
 from cgrs_ros.engine.errors import CgrsError
 
 
@@ -209,12 +212,13 @@ def register(subparsers):
 
     gallery = sub.add_parser('gallery', help='a project gallery with group_id + a query CSV')
     gallery.add_argument('gallery', metavar='GALLERY', help='gallery folder (with gallery.csv)')
-    gallery.add_argument('--queries', required=True, metavar='QUERIES.csv',
+    gallery.add_argument('--queries', metavar='QUERIES.csv',
                          help='CSV with columns query, group_id (optional platform)')
     _add_run_options(gallery,
                      tune_help='a query CSV searched in this gallery, or a gallery folder with '
                                'its own queries.csv (another town)')
     gallery.set_defaults(func=run_gallery)
+    register_crossview(sub, gallery)  # university1652, sues200, gallery --image-queries
 
     compare = sub.add_parser('compare', help='print the deltas between two reports')
     compare.add_argument('a', metavar='A.json')

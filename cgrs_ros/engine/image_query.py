@@ -91,14 +91,7 @@ def skipped_rerank(config, reranker):
             'reranker': reranker.identity}
 
 
-def run_image_query(retriever, image, top_k=None, platform=None, on_stage=None, near=None,
-                    query_platform=DEFAULT_QUERY_PLATFORM):
-    """Rank ``retriever``'s gallery for a PIL image; return a QueryResult (module docstring)."""
-    # Imported here: retriever.py imports this module for Retriever.query_image.
-    from cgrs_ros.engine.retriever import Candidate, QueryResult
-
-    start = time.perf_counter()
-    stage = on_stage or (lambda name, progress: None)
+def _image_parts(retriever):
     config = retriever.config
     encoder, index = retriever._image_encoder, retriever._image_index
     if config.image_encoder.backend == 'none' or encoder is None:
@@ -108,6 +101,37 @@ def run_image_query(retriever, image, top_k=None, platform=None, on_stage=None, 
     if index is None:
         raise ConfigError('image queries need the image embeddings of the gallery and there are '
                           'none; run `cgrs index GALLERY` with this config')
+    return encoder, index
+
+
+def embed_query_images(retriever, images, query_platform=DEFAULT_QUERY_PLATFORM):
+    """Embed query images exactly as :func:`run_image_query` does, as one batch.
+
+    For evaluations that rank many photos; returns float32 (n, dim) L2-normalized rows.
+    """
+    encoder, _ = _image_parts(retriever)
+    check_options(None, None, query_platform)
+    return encoder.encode_images([prepare_image(image) for image in images],
+                                 platforms=[query_platform] * len(images))
+
+
+def platform_rows(retriever, platform):
+    """Return ``(gallery item indices, their image embeddings)`` of one platform's rows."""
+    _, index = _image_parts(retriever)
+    lo, hi = index.platform_range(platform)
+    return index.row_items[lo:hi], index.matrix[lo:hi]
+
+
+def run_image_query(retriever, image, top_k=None, platform=None, on_stage=None, near=None,
+                    query_platform=DEFAULT_QUERY_PLATFORM):
+    """Rank ``retriever``'s gallery for a PIL image; return a QueryResult (module docstring)."""
+    # Imported here: retriever.py imports this module for Retriever.query_image.
+    from cgrs_ros.engine.retriever import Candidate, QueryResult
+
+    start = time.perf_counter()
+    stage = on_stage or (lambda name, progress: None)
+    config = retriever.config
+    encoder, index = _image_parts(retriever)
     check_options(top_k, platform, query_platform)
     area = SearchArea.parse(near)
     rgb = prepare_image(image)

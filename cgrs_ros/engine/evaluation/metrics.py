@@ -13,7 +13,9 @@ Conventions (the same for every benchmark this package reads):
 - Ties in a score matrix are broken deterministically: by score, highest first, then by gallery
   position, lowest first (a stable sort). NaN scores rank last.
 - Metric names say the direction: ``t2i_r1`` is text->image Recall@1, ``i2t_r5`` image->text
-  Recall@5. Every item of the gallery carries its own label; we do not reproduce the official
+  Recall@5, ``d2s_r1`` drone->satellite and ``s2d_r1`` satellite->drone Recall@1 (cross-view
+  image queries, where ``d2s_ap`` is the mean average precision, :func:`average_precision`).
+  Every item of the gallery carries its own label; we do not reproduce the official
   GeoText-1652 script, which gives the first image of each building the previous building's id.
 """
 
@@ -21,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DIRECTIONS = ('t2i', 'i2t')
+# Cross-view image queries: <query platform initial>2<gallery platform initial>.
+CROSS_VIEW_DIRECTIONS = ('d2s', 's2d', 'g2s', 's2g', 'g2d', 'd2g')
+DIRECTIONS = ('t2i', 'i2t') + CROSS_VIEW_DIRECTIONS
 HEADLINE_KS = (1, 5, 10)
 CURVE_MAX_K = 10
 UNKNOWN_PLATFORM = 'unknown'
@@ -103,6 +107,8 @@ class RecallResult:
     absent: list = field(default_factory=list)
     shortest_list: int = 0
     by_platform: dict = field(default_factory=dict)
+    ap: float = None               # mean average precision in percent, when computed
+    ap_per_query: np.ndarray = None
 
     def recall(self, k):
         """Return Recall@k in percent (0 for k beyond the curve, which was not computed)."""
@@ -111,9 +117,15 @@ class RecallResult:
         return self.curve[k - 1]
 
     def metrics(self, ks=HEADLINE_KS):
-        """Return ``{'t2i_r1': ..., 't2i_r5': ..., 't2i_r10': ...}`` in percent."""
-        return {metric_name(self.direction, k): self.recall(k) for k in ks
-                if k <= len(self.curve)}
+        """Return ``{'t2i_r1': ..., 't2i_r5': ..., 't2i_r10': ...}`` in percent.
+
+        With average precision computed (full rankings), ``'<direction>_ap'`` too.
+        """
+        out = {metric_name(self.direction, k): self.recall(k) for k in ks
+               if k <= len(self.curve)}
+        if self.ap is not None:
+            out[f'{self.direction}_ap'] = self.ap
+        return out
 
     def summary(self, ks=HEADLINE_KS):
         """Return a JSON-ready dict: counts, headline metrics, curve and per-platform figures."""
@@ -212,6 +224,96 @@ def i2t_from_scores(text_image_scores, text_groups, image_groups, max_k=CURVE_MA
     """Image->text Recall@K from the same (texts x images) matrix, read column-wise."""
     matrix = np.asarray(text_image_scores, dtype=np.float64)
     return evaluate_scores(matrix.T, image_groups, text_groups, 'i2t', max_k, image_platforms)
+
+
+def average_precision(hit_positions, n_relevant=None):
+    """Return the average precision (0..1) of one query's complete ranking.
+
+    ``hit_positions`` are the 1-based positions of the relevant gallery items in the ranking of
+    the WHOLE gallery, ascending; ``n_relevant`` how many relevant items the gallery holds
+    (default: as many as listed; relevant items missing from the list add nothing).
+
+    Defined as University-1652's evaluation defines it (the Market-1501 re-identification
+    convention), for benchmarks where one query has several correct gallery images (all drone
+    views of its building, s2d): each relevant item adds ``1 / n_relevant`` of recall, and the
+    precision over that step is the mean of the precision just before the i-th relevant item,
+    ``(i - 1) / (p_i - 1)`` (1 when it is at position 1), and just after it, ``i / p_i``. That
+    is the trapezoid-rule area under the precision-recall curve; it is slightly higher than the
+    step-wise AP (the mean of ``i / p_i``) whenever a relevant item is not at the top. With one
+    relevant item (d2s: one satellite tile per building) at position p it is 1 for p = 1 and
+    ``(0 + 1/p) / 2 = 1 / (2 p)`` otherwise. A query with no relevant item scores 0.
+    """
+    positions = np.asarray(hit_positions, dtype=np.float64)
+    n = len(positions) if n_relevant is None else int(n_relevant)
+    if n <= 0 or not len(positions):
+        return 0.0
+    if len(positions) > n:
+        raise ValueError(f'{len(positions)} hit positions for {n} relevant items')
+    if (np.diff(positions) <= 0).any() or positions[0] < 1:
+        raise ValueError('hit positions must be 1-based and strictly ascending')
+    found = np.arange(1, len(positions) + 1, dtype=np.float64)
+    after = found / positions
+    before = np.where(positions > 1, (found - 1) / np.maximum(positions - 1, 1), 1.0)
+    return float(np.sum((before + after) / 2.0) / n)
+
+
+def hit_positions(scores, relevant):
+    """Return the 1-based positions of the ``relevant`` columns in one row's full ranking.
+
+    ``scores`` is one query's score per gallery item, ``relevant`` a boolean mask over the
+    same items. The ranking is :func:`stable_ranking`'s (ties by gallery position, NaN last).
+    """
+    order = stable_ranking(np.asarray(scores, dtype=np.float64).reshape(1, -1))[0]
+    return np.flatnonzero(np.asarray(relevant, dtype=bool)[order]) + 1
+
+
+def full_ranking_hits(scores, query_codes, gallery_codes):
+    """Return ``(first-hit ranks, APs)`` of queries ranked against a whole gallery.
+
+    ``scores`` is (queries x gallery); ``query_codes[q]`` the integer label of query ``q``
+    (-1: none in the gallery), ``gallery_codes[g]`` the label of gallery column ``g``. A rank
+    is 0 and an AP 0.0 for a query without a relevant item. Callers with large galleries pass
+    the score matrix in row chunks and concatenate.
+    """
+    matrix = np.asarray(scores, dtype=np.float64)
+    gallery_codes = np.asarray(gallery_codes)
+    ranks = np.zeros(len(matrix), dtype=np.int64)
+    aps = np.zeros(len(matrix), dtype=np.float64)
+    for q, (row, code) in enumerate(zip(matrix, query_codes)):
+        if code < 0:
+            continue
+        positions = hit_positions(row, gallery_codes == code)
+        if len(positions):
+            ranks[q] = positions[0]
+            aps[q] = average_precision(positions)
+    return ranks, aps
+
+
+def full_ranking_result(ranks, aps, direction, absent=(), max_k=CURVE_MAX_K, n_gallery=None):
+    """Return a :class:`RecallResult` with Recall@1..max_k and mean AP (both percent).
+
+    ``ranks`` / ``aps`` as :func:`full_ranking_hits` returns them; every query counts in both
+    means (a query without a relevant item is a miss with AP 0, as University-1652 counts it).
+    """
+    metric_name(direction, 1)
+    aps = np.asarray(aps, dtype=np.float64)
+    return RecallResult(direction=direction, n_queries=len(aps),
+                        curve=recall_curve(ranks, max_k), hit_ranks=np.asarray(ranks),
+                        absent=list(absent), shortest_list=(
+                            max_k if n_gallery is None else min(int(n_gallery), max_k)),
+                        ap=float(100.0 * aps.mean()) if len(aps) else 0.0, ap_per_query=aps)
+
+
+def evaluate_full_rankings(scores, query_labels, gallery_labels, direction,
+                           max_k=CURVE_MAX_K):
+    """Recall@K and AP of a (queries x gallery) score matrix ranked in full (one label each)."""
+    gallery_labels = list(gallery_labels)
+    code_of = {label: code for code, label in enumerate(dict.fromkeys(gallery_labels))}
+    gallery_codes = np.array([code_of[label] for label in gallery_labels], dtype=np.int64)
+    query_codes = np.array([code_of.get(label, -1) for label in query_labels], dtype=np.int64)
+    ranks, aps = full_ranking_hits(scores, query_codes, gallery_codes)
+    absent = [q for q, code in enumerate(query_codes) if code < 0]
+    return full_ranking_result(ranks, aps, direction, absent, max_k, len(gallery_labels))
 
 
 def track4_score(result):
