@@ -202,6 +202,18 @@ def test_damaged_caption_store_is_moved_aside_and_salvaged(indexed, capsys, dama
     _same(_ranking(gallery, config, capsys), clean)
 
 
+def test_cgrs_caption_names_this_gallery_in_the_fix(indexed, capsys):
+    gallery, config, state, _ = indexed
+    path = state / 'captions.sqlite'
+    path.write_bytes(os.urandom(len(path.read_bytes())))
+    vlm = config.parent / 'vlm.yaml'  # `cgrs caption` needs a VLM captioner; none is called
+    vlm.write_text(config.read_text() + '\ncaptioner: {backend: openai, model: m, '
+                   'base_url: "http://127.0.0.1:9/v1"}\n')
+    assert main(['caption', str(gallery), '--config', str(vlm), '--status']) == 2
+    err = capsys.readouterr().err.strip()
+    assert f'{path} is damaged' in err and f'run `cgrs index {gallery}` to repair it' in err
+
+
 def test_caption_store_restored_from_an_older_copy_is_refused(setup, capsys):  # noqa: F811
     gallery, config = setup
     state = gallery / '.cgrs'

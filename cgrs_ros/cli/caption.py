@@ -76,6 +76,15 @@ class _Bar:
 
 def run(args):
     """Caption the gallery (or print its status) and print the summary."""
+    from cgrs_ros.engine.errors import StateError
+
+    try:
+        return _run(args)
+    except StateError as exc:  # name this gallery (and --state) in the repair command
+        raise exc.for_gallery(args.gallery, args.state) from None
+
+
+def _run(args):
     from cgrs_ros.engine.captioning import caption_status, run_captioning
     from cgrs_ros.engine.config import load_config
     from cgrs_ros.engine.errors import ConfigError
