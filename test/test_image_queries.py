@@ -276,3 +276,19 @@ def test_text_queries_take_the_same_area_filter(setup, capsys):
                  str(lat), str(lon), '--radius', '600', '--json']) == 0
     result = json.loads(capsys.readouterr().out)
     assert sorted(c['image_id'] for c in result['candidates']) == ['d1', 's1']
+
+
+def test_area_filter_is_geodesic_across_the_antimeridian_and_at_the_poles():
+    from types import SimpleNamespace
+
+    from cgrs_ros.engine.area import AreaFilter, SearchArea
+
+    points = [(0.0, 179.999), (0.0, -179.999), (0.0, 0.0), (89.9999, 0.0), (89.9999, 180.0),
+              (0.0, 179.99)]
+    area_filter = AreaFilter([SimpleNamespace(lat=lat, lon=lon) for lat, lon in points])
+    # 0.001 deg of longitude at the equator is ~111 m; 0.01 deg ~1113 m.
+    assert list(area_filter.items_within(SearchArea(0.0, 180.0, 500.0))) == [0, 1]
+    assert list(area_filter.items_within(SearchArea(0.0, 180.0, 1200.0))) == [0, 1, 5]
+    # Two points 0.0001 deg from the pole on opposite meridians are ~22 m apart.
+    assert list(area_filter.items_within(SearchArea(89.9999, 0.0, 30.0))) == [3, 4]
+    assert list(area_filter.items_within(SearchArea(-45.0, 10.0, 1000.0))) == []
