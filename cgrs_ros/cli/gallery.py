@@ -29,6 +29,15 @@ def run_demo(args):
           f'{summary.datum.lon:.5f}) to {summary.out_dir} in {elapsed:.1f} s')
     print(f'manifest {summary.out_dir / "gallery.csv"}; {summary.queries} evaluation queries '
           f'in {summary.out_dir / "queries.csv"}; places in {summary.out_dir / "world.json"}')
+    if args.orthophoto:
+        from cgrs_ros.engine.demo.scene import load_scene, write_orthophoto
+        start = time.perf_counter()
+        path = summary.out_dir / 'orthophoto.tif'
+        width, height = write_orthophoto(load_scene(summary.out_dir), path,
+                                         m_per_px=args.orthophoto, seed=args.seed)
+        print(f'orthophoto {path}: {width}x{height} px at {args.orthophoto} m/px in '
+              f'{time.perf_counter() - start:.1f} s; tile it for localization with `cgrs '
+              f'gallery from-geotiff {path} OUT --overlap 0.75 --alt {summary.datum.alt}`')
     return 0
 
 
@@ -81,6 +90,11 @@ def register(subparsers):
     demo.add_argument('--datum', type=float, nargs=3, metavar=('LAT', 'LON', 'ALT'),
                       help='centre of the town, WGS84 degrees and ellipsoidal metres '
                            '(default 47.3977 8.5456 488)')
+    demo.add_argument('--orthophoto', type=float, nargs='?', const=0.5, default=None,
+                      metavar='M_PER_PX',
+                      help='also write OUT/orthophoto.tif, the whole town as a north-up '
+                           'GeoTIFF (default 0.5 m/px, the resolution of the satellite tiles), to '
+                           'tile with from-geotiff for camera localization')
     demo.add_argument('--force', action='store_true', help='overwrite a gallery in OUT')
     demo.set_defaults(func=run_demo)
 

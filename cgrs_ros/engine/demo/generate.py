@@ -95,6 +95,24 @@ def _pick_places(world, count, rng):
     return chosen
 
 
+def layout_town(seed, size):
+    """Lay out the town of a seed and number of places; return (world, places, side m).
+
+    Deterministic: the demo gallery and anything that draws the same town later (the
+    simulated camera, the orthophoto) call this with the seed and size in world.json.
+    """
+    # The town grows with the number of places (about 150 m x 150 m per place) and grows
+    # further if a seed's layout has too few distinct places.
+    side = max(450.0, 150.0 * math.sqrt(size))
+    for _ in range(12):
+        world = build_world(np.random.default_rng([seed, 0]), side)
+        places = _pick_places(world, size, np.random.default_rng([seed, 1]))
+        if places is not None:
+            return world, places, side
+        side *= 1.12
+    raise GalleryError(f'could not lay out {size} places; use a smaller --size')
+
+
 def _png_bytes(image):
     buffer = io.BytesIO()
     # Fixed settings and no metadata chunks, so the bytes depend on the pixels only.
@@ -126,17 +144,7 @@ def generate_demo_world(out_dir, seed=0, size=DEFAULT_SIZE, datum=DEFAULT_DATUM,
     size, seed = int(size), int(seed)
     out = Path(out_dir)
     _check_out_dir(out, force)
-    # The town grows with the number of places (about 150 m x 150 m per place) and grows
-    # further if a seed's layout has too few distinct places.
-    side = max(450.0, 150.0 * math.sqrt(size))
-    for _ in range(12):
-        world = build_world(np.random.default_rng([seed, 0]), side)
-        places = _pick_places(world, size, np.random.default_rng([seed, 1]))
-        if places is not None:
-            break
-        side *= 1.12
-    else:
-        raise GalleryError(f'could not lay out {size} places; use a smaller --size')
+    world, places, side = layout_town(seed, size)
 
     images_dir = out / 'images'
     images_dir.mkdir(parents=True, exist_ok=True)
