@@ -2,6 +2,7 @@
 offline towers (EfficientNet-Lite0 + MiniLM), the saved folder through the engine, resume after
 SIGKILL, open_clip fine-tuning with locks, and the errors a user can cause."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -236,6 +237,49 @@ def test_platform_experts_train_and_serve_per_platform_queries(toy, tmp_path):
         assert [c.group_id for c in ranked[:2]] == ['yellow', 'yellow']
     finally:
         retriever.close()
+
+
+def test_cross_view_term_aligns_undescribed_drone_views_with_their_tiles(toy, tmp_path):
+    """Drone views without descriptions are never seen by the text-image loss, so with
+    platform experts their expert stays untrained; the cross-view term trains it against
+    the satellite tiles, and drone -> satellite image queries find the right tile."""
+    from cgrs_ros.engine.gallery import decode_image, load_gallery
+    from cgrs_ros.engine.indexer import index_gallery
+    from cgrs_ros.engine.retriever import Retriever
+
+    def sat_described(folder, seed):
+        toy_gallery(folder, seed)
+        gallery = load_gallery(folder)
+        write_manifest(folder, [dataclasses.replace(item, descriptions=()) if
+                                item.platform == 'drone' else item for item in gallery.items])
+        return folder
+
+    train = sat_described(tmp_path / 'train', 11)
+    test = sat_described(tmp_path / 'test', 12)
+    r1 = {}
+    for on in (False, True):
+        out = tmp_path / f'model-{on}'
+        cfg = load_train_config(None, dict(TINY, **{
+            'train.epochs': 15, 'model.experts': True, 'loss.cross_view.enabled': on}))
+        train_dual(load_training_pairs([train]), cfg, out, cache_root=toy['cache'],
+                   progress=False)
+        config = load_config(overrides={'image_encoder': {'backend': 'learned',
+                                                          'model': str(out)},
+                                        'captioner': {'backend': 'none'}},)
+        state = tmp_path / f'state-{on}'
+        index_gallery(test, config, state_dir=state, progress=False)
+        retriever = Retriever.open(test, config, state_dir=state)
+        gallery = load_gallery(test)
+        try:
+            drones = [item for item in gallery.items if item.platform == 'drone']
+            hits = sum(retriever.query_image(decode_image(gallery.path_of(item)), top_k=1,
+                                             platform='satellite').candidates[0].group_id
+                       == item.group_id for item in drones)
+        finally:
+            retriever.close()
+        r1[on] = 100.0 * hits / len(drones)
+    assert r1[True] >= 80.0, r1
+    assert r1[True] >= r1[False] + 30.0, r1
 
 
 def test_attention_pooling_over_word_pieces_trains_and_serves(toy, tmp_path):

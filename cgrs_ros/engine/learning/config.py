@@ -67,6 +67,14 @@ class HardNegatives(_Section):
     refresh_every: int = Field(1, ge=1)       # epochs between re-mining
 
 
+class CrossView(_Section):
+    """Sample4Geo-style image-image term: drone/ground images against satellite tiles."""
+
+    enabled: bool = False
+    # Share of the cross-view InfoNCE in the loss (added to the text-image loss).
+    weight: float = Field(1.0, ge=0.0, le=100.0)
+
+
 class LossSection(_Section):
     """Group-aware multi-positive symmetric InfoNCE, with optional extras."""
 
@@ -74,6 +82,7 @@ class LossSection(_Section):
     learn_temperature: bool = True
     soft_labels: SoftLabels = Field(default_factory=SoftLabels)
     hard_negatives: HardNegatives = Field(default_factory=HardNegatives)
+    cross_view: CrossView = Field(default_factory=CrossView)
 
 
 class TrainSection(_Section):

@@ -74,8 +74,11 @@ def _fingerprint(cfg, pairs):
 class PlaceSampler:
     """Batches of (image, text) pairs grouped by place (see the module docstring)."""
 
-    def __init__(self, pairs, batch_size, images_per_place):
+    def __init__(self, pairs, batch_size, images_per_place, all_views=False):
         self.images_per_place = images_per_place
+        # all_views (the cross-view loss): every image of a chosen place joins the batch,
+        # with or without a text, so each drone view meets its satellite tile.
+        self.all_views = all_views
         self.places_per_batch = max(2, batch_size // images_per_place)
         groups = np.asarray(pairs.image_groups, dtype=np.int64)
         self.n_groups = len(pairs.groups)
@@ -98,6 +101,8 @@ class PlaceSampler:
             for i in take:
                 images.append(int(i))
                 texts.append(int(rng.choice(self.image_texts[i])))
+            if self.all_views:
+                images += [int(i) for i in self.place_images[g] if int(i) not in take]
         return np.array(images), np.array(texts)
 
     def _clustered(self, rng):
@@ -293,7 +298,8 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
         raise TrainingError('nothing to train: every parameter is locked; unlock layers '
                             '(model.lock_text: false or model.unlocked_*) and run again')
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sampler = PlaceSampler(pairs, tc.batch_size, tc.images_per_place)
+    sampler = PlaceSampler(pairs, tc.batch_size, tc.images_per_place,
+                           all_views=cfg.loss.cross_view.enabled)
     soft = cfg.loss.soft_labels
     credit = (GroupCredit(pairs, soft.min_jaccard, soft.radius_m) if soft.enabled else None)
     hard = cfg.loss.hard_negatives
@@ -346,7 +352,8 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
                    unit='batch', disable=not progress, leave=False)
         for step, (img_idx, txt_idx) in enumerate(bar, start=1):
             try:
-                loss = _step(backend, pairs, img_idx, txt_idx, credit, soft.weight)
+                loss = _step(backend, pairs, img_idx, txt_idx, credit, soft.weight,
+                             cfg.loss.cross_view)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f'the loss became {loss.item()} at epoch {epoch}, step {step}; lower '
@@ -415,8 +422,8 @@ def write_caption_bank(out_dir, texts, size, seed):
     atomic_write_json(Path(out_dir) / CAPTION_BANK, {'texts': unique})
 
 
-def _step(backend, pairs, img_idx, txt_idx, credit, soft_weight):
-    """Loss of one batch."""
+def _step(backend, pairs, img_idx, txt_idx, credit, soft_weight, cross_view=None):
+    """Loss of one batch (text-image, plus the cross-view image-image term when enabled)."""
     img_t = torch.from_numpy(img_idx)
     txt_t = torch.from_numpy(txt_idx)
     images = backend.images(img_t)
@@ -429,6 +436,30 @@ def _step(backend, pairs, img_idx, txt_idx, credit, soft_weight):
     i_local = torch.from_numpy(local[len(text_groups):])
     credit_matrix = torch.from_numpy(credit(places)) if credit is not None else None
     target = batch_targets(t_local, i_local, credit_matrix, soft_weight).to(sims.device)
+    loss = symmetric_contrastive_loss(backend.logit_scale.exp() * sims, target)
+    if cross_view is not None and cross_view.enabled and cross_view.weight > 0:
+        loss = loss + cross_view.weight * _cross_view_loss(backend, pairs, img_idx, images,
+                                                           i_local)
+    return loss
+
+
+def _cross_view_loss(backend, pairs, img_idx, images, groups):
+    """Sample4Geo's symmetric InfoNCE between the batch's satellite and other images.
+
+    Each drone/ground image's positives are the satellite tiles of its place in the batch
+    (each image embedded by its own platform's expert); the other tiles are negatives, and
+    with ``hard_negatives.geo_radius_m`` the mined batches put neighbouring places' tiles in
+    them, as Sample4Geo's GPS-based sampling does. Rows or columns without a positive in the
+    batch are left out; a batch without both kinds of image adds nothing.
+    """
+    platforms = np.asarray(pairs.image_platforms)[img_idx]
+    sat = torch.from_numpy(platforms == 'satellite')
+    if not sat.any() or sat.all():
+        return images.sum() * 0.0
+    target = (groups[~sat][:, None] == groups[sat][None, :]).float().to(images.device)
+    if not target.any():
+        return images.sum() * 0.0
+    sims = images[~sat] @ images[sat].t()
     return symmetric_contrastive_loss(backend.logit_scale.exp() * sims, target)
 
 
