@@ -16,6 +16,10 @@ milliseconds on a laptop CPU:
   "navy" much;
 - beside that, a late-interaction score (each query word's best cosine among the caption's
   words, ColBERT-style) in the raw and in a learned space;
+- and the query's sentence cosine with each sentence of the caption (max and mean): a caption
+  written as several descriptions is matched by its best one, where the caption channel's
+  single vector averages them (measured on validation towns 2000/2001: mixing the max
+  sentence cosine into the fused score alone lifts R@1 by 3-4 points);
 - a small MLP maps [pooled match, the two max-sims, prior features] to one logit.
 
 A candidate without a caption gets one learned "no caption" word to attend to.
@@ -28,6 +32,7 @@ with SkyLink-style partial credit for places that share most attributes with the
 
 import json
 from pathlib import Path
+import re
 
 from cgrs_ros.engine.errors import ModelLoadError
 from cgrs_ros.engine.rerank import minmax
@@ -41,14 +46,35 @@ MODEL_FILE = 'reranker.safetensors'
 CONFIG_FILE = 'cgrs_reranker.json'
 FORMAT = 'cgrs-cross-reranker-1'
 PRIOR_NAMES = ('minmax_coarse', 'minmax_caption', 'minmax_fused', 'coarse', 'caption',
-               'has_coarse', 'has_caption')
+               'has_coarse', 'has_caption', 'sentence_max', 'sentence_mean',
+               'minmax_sentence_max')
+_SENTENCE_END = re.compile(r'(?<=[.!?])\s+')
 
 
-def prior_features(coarse, caption, fused):
+def caption_sentences(caption):
+    """Return the sentences of a caption (descriptions joined by the manifest captioner)."""
+    return [part.strip() for part in _SENTENCE_END.split(caption or '') if part.strip()]
+
+
+def sentence_scores(query_vector, sentence_vectors):
+    """Return (n, 2) [max, mean] cosine of the query with each candidate's sentence vectors.
+
+    ``sentence_vectors`` holds one (m, d) array per candidate (m = 0: no caption -> 0, 0).
+    """
+    out = np.zeros((len(sentence_vectors), 2), dtype=np.float64)
+    for i, vectors in enumerate(sentence_vectors):
+        if len(vectors):
+            sims = np.asarray(vectors, dtype=np.float64) @ np.asarray(query_vector, np.float64)
+            out[i] = sims.max(), sims.mean()
+    return out
+
+
+def prior_features(coarse, caption, fused, sentences=None):
     """Return (n, len(PRIOR_NAMES)) float32 features of one candidate list's earlier scores.
 
-    Each argument is an array over the list (NaN where a channel has no score) or None when
-    the channel did not run. Min-max is taken over the list, as the fusion does.
+    Each of ``coarse``, ``caption`` is an array over the list (NaN where a channel has no
+    score) or None when the channel did not run; ``sentences`` the (n, 2) output of
+    :func:`sentence_scores` (None: zeros). Min-max is taken over the list, as the fusion does.
     """
     n = len(fused)
     cols = []
@@ -63,6 +89,8 @@ def prior_features(coarse, caption, fused):
     for scores in parts:
         arr = np.full(n, np.nan) if scores is None else np.asarray(scores, dtype=np.float64)
         cols.append(np.isfinite(arr).astype(np.float64))
+    sentences = np.zeros((n, 2)) if sentences is None else np.asarray(sentences, np.float64)
+    cols += [sentences[:, 0], sentences[:, 1], np.nan_to_num(minmax(sentences[:, 0]), nan=0.0)]
     return np.stack(cols, axis=1).astype(np.float32)
 
 

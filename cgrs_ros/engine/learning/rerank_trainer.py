@@ -33,8 +33,9 @@ from typing import Literal
 
 from cgrs_ros.engine.config import _first_error, _Section, read_config_data
 from cgrs_ros.engine.errors import CgrsError
-from cgrs_ros.engine.learning.cross import (CrossScorer, listwise_loss, prior_features,
-                                            save_reranker_folder)
+from cgrs_ros.engine.learning.cross import (caption_sentences, CrossScorer, listwise_loss,
+                                            prior_features, save_reranker_folder,
+                                            sentence_scores)
 from cgrs_ros.engine.learning.data import attribute_words, clause_views, load_query_set
 from cgrs_ros.engine.learning.trainer import load_checkpoint, save_checkpoint, TrainingError
 from cgrs_ros.engine.rerank import minmax
@@ -235,7 +236,22 @@ class _TokenTable:
         return [self.row.get(t, 0) if t else 0 for t in texts]
 
 
-def _flatten(lists, queries, captions):
+class _Sentences:
+    """Sentence vectors (MiniLM, normalized) of queries and caption sentences, by text."""
+
+    def __init__(self, encoder, queries, captions):
+        texts = sorted(set(queries) | {x for c in captions for x in caption_sentences(c)})
+        self.vector = dict(zip(texts, encoder.encode_texts(texts))) if texts else {}
+        self.empty = np.zeros((0, encoder.dim), dtype=np.float32)
+
+    def scores(self, query, captions):
+        """Return the (n, 2) sentence scores of one list (cross.sentence_scores)."""
+        per = [np.stack([self.vector[x] for x in caption_sentences(c)])
+               if caption_sentences(c) else self.empty for c in captions]
+        return sentence_scores(self.vector[query], per)
+
+
+def _flatten(lists, queries, captions, sentences):
     """Per list: (query row, caption rows, priors, labels) ready for batching."""
     out = []
     for i, query in enumerate(lists.queries):
@@ -244,7 +260,8 @@ def _flatten(lists, queries, captions):
         priors = prior_features(
             None if lists.coarse[i] is None else np.asarray(lists.coarse[i], dtype=float),
             None if lists.caption[i] is None else np.asarray(lists.caption[i], dtype=float),
-            np.asarray(lists.fused[i], dtype=float))
+            np.asarray(lists.fused[i], dtype=float),
+            sentences.scores(query, lists.captions[i]))
         out.append((queries.rows([query])[0], np.asarray(captions.rows(lists.captions[i])),
                     priors, np.asarray(lists.labels[i], dtype=np.float32)))
     return out
@@ -350,9 +367,12 @@ def train_reranker(galleries, engine_config, cfg, out_dir, val_galleries=(), res
                           cfg.model.max_query_tokens)
     captions = _TokenTable(encoder, [c for ls in sets for caps in ls.captions for c in caps],
                            cfg.model.max_caption_tokens)
-    train_items = [it for ls in train_sets for it in _flatten(ls, queries, captions)]
+    say('sentence vectors of the queries and caption sentences')
+    sentences = _Sentences(encoder, [q for ls in sets for q in ls.queries],
+                           {c for ls in sets for caps in ls.captions for c in caps if c})
+    train_items = [it for ls in train_sets for it in _flatten(ls, queries, captions, sentences)]
     train_items = [it for it in train_items if it[3].sum() > 0]  # lists with a positive
-    val_items = {ls.name: _flatten(ls, queries, captions) for ls in val_sets}
+    val_items = {ls.name: _flatten(ls, queries, captions, sentences) for ls in val_sets}
     if not train_items:
         raise TrainingError('no training list holds its right place: the stage before misses '
                             'every training query; check --engine-config')

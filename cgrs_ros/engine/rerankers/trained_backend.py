@@ -6,9 +6,9 @@ carries the pixel evidence), so the stage costs milliseconds. The whole candidat
 scored in one call (``batch_size`` is unbounded) because the prior features are min-max
 normalized over the list, exactly as in training.
 
-Caption word pieces are kept in a bounded LRU cache (by caption text): the same gallery
-images come back as candidates across queries, and MiniLM over a 100-word caption is the
-expensive part of a call.
+Caption word pieces and caption sentence vectors are kept in a bounded LRU cache (by caption
+text): the same gallery images come back as candidates across queries, and MiniLM over a
+100-word caption is the expensive part of a call.
 """
 
 import collections
@@ -62,8 +62,8 @@ class TrainedReranker(Reranker):
         tokens, mask = self._text.encode_tokens(texts, max_tokens, threads=1)
         return [(tokens[i, :mask[i].sum()].astype(np.float16)) for i in range(len(texts))]
 
-    def _caption_tokens(self, captions):
-        """Word pieces per caption (None: no caption), from the cache or MiniLM."""
+    def _caption_inputs(self, captions):
+        """(word pieces, sentence vectors) per caption (None: no caption), cached."""
         out, missing = {}, []
         with self._lock:
             for text in {c for c in captions if c}:
@@ -73,17 +73,25 @@ class TrainedReranker(Reranker):
                 else:
                     missing.append(text)
         if missing:
+            from cgrs_ros.engine.learning.cross import caption_sentences
+
             fresh = self._tokens(missing, self.config['max_caption_tokens'])
+            sentences = [caption_sentences(text) for text in missing]
+            flat = [x for parts in sentences for x in parts]
+            vectors = self._text.encode_texts(flat, threads=1) if flat else []
+            start = 0
             with self._lock:
-                for text, tok in zip(missing, fresh):
-                    out[text] = self._cache[text] = tok
+                for text, tok, parts in zip(missing, fresh, sentences):
+                    entry = (tok, np.asarray(vectors[start:start + len(parts)]))
+                    start += len(parts)
+                    out[text] = self._cache[text] = entry
                 while len(self._cache) > CACHE_CAPTIONS:
                     self._cache.popitem(last=False)
         return [out.get(c) if c else None for c in captions]
 
     def score(self, query, images, platforms, captions=None, priors=None):
         """Return sigmoid(logit) per candidate: the model's P(match) for the whole list."""
-        from cgrs_ros.engine.learning.cross import prior_features
+        from cgrs_ros.engine.learning.cross import prior_features, sentence_scores
 
         self._check_inputs(images, platforms, captions)
         n = len(images)
@@ -91,10 +99,14 @@ class TrainedReranker(Reranker):
         priors = priors or {}
         fused = priors.get('fused')
         fused = np.zeros(n) if fused is None else np.asarray(fused, dtype=np.float64)
-        feats = prior_features(priors.get('coarse'), priors.get('caption'), fused)
         q_tok = self._tokens([query], self.config['max_query_tokens'])[0]
-        c_toks = self._caption_tokens(captions)
-        logits = score_pairs(self.module, [q_tok] * n, c_toks, feats)
+        q_vec = self._text.encode_texts([query], threads=1)[0]
+        inputs = self._caption_inputs(captions)
+        sentences = sentence_scores(q_vec, [np.zeros((0, len(q_vec))) if x is None else x[1]
+                                            for x in inputs])
+        feats = prior_features(priors.get('coarse'), priors.get('caption'), fused, sentences)
+        logits = score_pairs(self.module, [q_tok] * n,
+                             [None if x is None else x[0] for x in inputs], feats)
         self.last_errors = []
         return 1.0 / (1.0 + np.exp(-logits))
 
