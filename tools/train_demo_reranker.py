@@ -6,7 +6,7 @@ model of models/demo_dual with manifest captions, hybrid fusion). Training towns
 (seed 0) and the evaluation town (seed 3000) are never used. Towns are generated into the
 same cache as tools/train_demo_model.py, so after that script only the lists are built.
 
-    .venv/bin/python tools/train_demo_reranker.py [--towns 20] [--out models/demo_reranker]
+    .venv/bin/python tools/train_demo_reranker.py [--towns 8] [--out models/demo_reranker]
 """
 
 import argparse
@@ -21,7 +21,7 @@ from train_demo_model import (  # noqa: E402,I100,I202 (a sibling script, after 
 def main():
     """Generate the towns and train the reranker."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--towns', type=int, default=20, help='training towns (default 20)')
+    parser.add_argument('--towns', type=int, default=8, help='training towns (default 8)')
     parser.add_argument('--config', type=Path,
                         default=ROOT / 'config' / 'train_demo_reranker.yaml')
     parser.add_argument('--engine-config', type=Path,
