@@ -86,7 +86,7 @@ def test_training_writes_a_model_folder_and_card_and_helps_in_validation(toy):
     for name in ('reranker.safetensors', 'cgrs_reranker.json', 'model_card.md',
                  'model_card.json'):
         assert (out / name).is_file(), name
-    assert card['training_galleries'] == ['train']
+    assert card['training_galleries'] == ['train-loo']  # first descriptions held out
     assert card['validation_galleries'] == ['val']
     val = card['val']['val']
     best = val[f'w{card["suggested_weight"]:g}']

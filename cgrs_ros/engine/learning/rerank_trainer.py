@@ -132,15 +132,52 @@ def _stage_before_config(engine_config, list_size):
 
 
 def _training_queries(gallery, cfg, rng):
-    """(query, place) pairs of a training gallery: descriptions or their clauses."""
+    """(query, place) pairs of a training gallery: its held-out first descriptions.
+
+    Only images with two descriptions or more give queries: the first one (or one of its
+    clauses) is the query, and :func:`leave_one_out_gallery` keeps it out of the captions.
+    """
     out = []
     for item in gallery.items:
-        texts = [t for d in item.descriptions for t in (
-            clause_views(d) if cfg.data.text_views == 'clauses' else [d])]
-        if not texts:
+        if len(item.descriptions) < 2:
             continue
+        first = item.descriptions[0]
+        texts = clause_views(first) if cfg.data.text_views == 'clauses' else [first]
         for text in rng.sample(texts, min(len(texts), cfg.data.queries_per_image)):
             out.append((text, item.group_id or item.image_id))
+    return out
+
+
+def leave_one_out_gallery(folder, work_dir):
+    """Return a copy of a described gallery whose captions leave each first description out.
+
+    The training queries are the first descriptions; if the captions the stage before (and
+    the reranker) compare them with still held them, every positive would contain its query
+    word for word, and a reranker would learn to spot copies, which no user's goal is (it
+    learned nothing that carried over to paraphrases until this was done). The copy links the
+    original image folders and reuses the original state's image embeddings (same content
+    hashes), so only the captions are new work.
+    """
+    import os
+    import shutil
+
+    from cgrs_ros.engine.gallery import load_gallery, write_manifest
+    from cgrs_ros.engine.storage import default_state_dir
+
+    folder = Path(folder).resolve()
+    gallery = load_gallery(folder, check_images='none')
+    out = Path(work_dir) / f'{folder.name}-loo'
+    out.mkdir(parents=True, exist_ok=True)
+    for top in {Path(item.path).parts[0] for item in gallery.items}:  # folders or files
+        link = out / top
+        if not link.exists():
+            os.symlink(folder / top, link)
+    items = [dataclasses.replace(item, descriptions=item.descriptions[1:])
+             if len(item.descriptions) >= 2 else item for item in gallery.items]
+    write_manifest(out, items)
+    embeddings = default_state_dir(folder) / 'embeddings'
+    if embeddings.is_dir() and not (default_state_dir(out) / 'embeddings').exists():
+        shutil.copytree(embeddings, default_state_dir(out) / 'embeddings')
     return out
 
 
@@ -350,7 +387,8 @@ def train_reranker(galleries, engine_config, cfg, out_dir, val_galleries=(), res
         if not queries:
             raise CgrsError(f'{folder} has no descriptions to make training queries from; add '
                             'a description column to its manifest')
-        train_sets.append(build_lists(folder, engine_config, queries, cfg, out / 'lists', say))
+        loo = leave_one_out_gallery(folder, out / 'lists')
+        train_sets.append(build_lists(loo, engine_config, queries, cfg, out / 'lists', say))
     val_sets = []
     for folder in val_galleries:
         qs = load_query_set(folder)
