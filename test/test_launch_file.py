@@ -122,3 +122,23 @@ def test_launch_file_builds_nodes_only_from_the_shared_spec():
     for name in ('package', 'executable', 'name', 'namespace', 'parameters', 'remappings',
                  'respawn', 'respawn_delay', 'respawn_max_retries'):
         assert keywords[name] == f'spec.{name}', name
+
+
+def test_localization_adds_localization_node_with_its_own_gallery_and_the_stack_datum():
+    values = stack.resolve_arguments({'localization': 'true', 'gallery_dir': '/data/g',
+                                      'localization_gallery': '/data/tiles', 'sim': 'true'})
+    specs = stack.node_specs(values)
+    assert [s.name for s in specs] == ['retrieval_node', 'captioning_node', 'sim_drone',
+                                       'localization_node']
+    node = specs[-1]
+    assert (node.executable, node.module) == ('localization_node',
+                                              'cgrs_ros.nodes.localization_node')
+    assert (ROOT / 'scripts' / node.executable).is_file()
+    args = stack.ros_arguments(node)
+    joined = ' '.join(args)
+    # The launch gallery first, then its own: the later -p wins, as in launch_ros.
+    assert joined.index('gallery_dir:=/data/g') < joined.index('gallery_dir:=/data/tiles')
+    assert '-p datum_gallery:=/data/g' in joined
+    assert stack.resolve_arguments({})['localization'] == 'false'
+    without = stack.node_specs(stack.resolve_arguments({'localization': 'true'}))[-1]
+    assert 'datum_gallery' not in ' '.join(stack.ros_arguments(without))

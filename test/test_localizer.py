@@ -59,7 +59,8 @@ class ScriptedRetriever:
 
 FRAME = Image.new('RGB', (64, 64))
 SETTINGS = LocalizerSettings(top_k=5, search_radius_m=100.0, min_score=0.6, min_margin=0.05,
-                             ambiguity_radius_m=40.0, temperature=0.05, min_sigma_m=3.0)
+                             ambiguity_radius_m=40.0, temperature=0.05, min_sigma_m=3.0,
+                             global_check=False)
 
 
 def test_global_fix_is_the_weighted_mean_of_the_best_place_and_moves_the_anchor():
@@ -123,6 +124,36 @@ def test_local_success_needs_no_global_search():
     assert len(retriever.calls) == 1
 
 
+def test_global_check_lets_a_clearly_better_place_outside_the_area_take_over():
+    inside = [('inside', 10.0, 0.0, 0.80)]
+    settings = LocalizerSettings(**{**SETTINGS.__dict__, 'global_check': True})
+
+    def answer(near):
+        return _candidates(inside if near else [('outside', 500.0, 0.0, best_outside[0])])
+    best_outside = [0.84]  # within min_margin of the local best: the local answer stands
+    retriever = ScriptedRetriever(answer)
+    localizer = Localizer(retriever, settings, prior=(*_latlon(0, 0), 50.0))
+    outcome = localizer.locate(FRAME)
+    assert outcome.mode == 'local' and outcome.estimate.image_id == 'inside'
+    assert [c['near'] is None for c in retriever.calls] == [False, True]
+    best_outside[0] = 0.90
+    outcome = localizer.locate(FRAME)
+    assert outcome.mode == 'local+global' and outcome.estimate.image_id == 'outside'
+
+
+def test_the_local_radius_grows_with_the_time_since_the_last_fix():
+    answers = iter([[('a', 0.0, 0.0, 0.9)], [('weak', 0.0, 0.0, 0.1)]])
+    retriever = ScriptedRetriever(lambda near: _candidates(
+        [('weak', 0.0, 0.0, 0.1)] if near else next(answers)))
+    settings = LocalizerSettings(**{**SETTINGS.__dict__, 'radius_growth_mps': 10.0})
+    localizer = Localizer(retriever, settings)
+    assert localizer.locate(FRAME, stamp=100.0).estimate is not None  # global: no anchor yet
+    assert localizer.search_area(103.5)[2] == pytest.approx(135.0)
+    localizer.locate(FRAME, stamp=103.5)
+    assert retriever.calls[1]['near'][2] == pytest.approx(135.0)
+    assert localizer.search_area(None)[2] == 100.0  # without stamps it does not grow
+
+
 def test_two_places_scoring_alike_are_ambiguous_but_neighbouring_tiles_are_not():
     rows = [('a', 0.0, 0.0, 0.90), ('a2', 30.0, 0.0, 0.899), ('b', 200.0, 0.0, 0.88)]
     localizer = Localizer(ScriptedRetriever(lambda near: _candidates(rows)), SETTINGS)
@@ -154,7 +185,8 @@ def test_a_heading_rectifies_the_frame_before_matching():
 def test_the_anchor_is_the_median_of_recent_fixes_so_one_outlier_does_not_move_it():
     positions = iter([0.0, 4.0, 8.0, 300.0, 12.0])
     retriever = ScriptedRetriever(lambda near: _candidates([('t', next(positions), 0.0, 0.9)]))
-    settings = LocalizerSettings(search_radius_m=500.0, min_score=0.5, anchor_window=5)
+    settings = LocalizerSettings(search_radius_m=500.0, min_score=0.5, anchor_window=5,
+                                 global_check=False)
     localizer = Localizer(retriever, settings)
     for _ in range(4):
         localizer.locate(FRAME)
@@ -166,7 +198,7 @@ def test_the_anchor_is_the_median_of_recent_fixes_so_one_outlier_does_not_move_i
 @pytest.mark.parametrize('change, words', [
     ({'top_k': 0}, 'top_k'), ({'search_radius_m': 0.0}, 'search_radius_m'),
     ({'min_score': 2.0}, 'cosine'), ({'min_margin': -1.0}, 'min_margin'),
-    ({'anchor_window': 0}, 'anchor_window')])
+    ({'anchor_window': 0}, 'anchor_window'), ({'radius_growth_mps': -1.0}, 'radius_growth')])
 def test_settings_out_of_range_are_named(change, words):
     with pytest.raises(ValueError, match=words):
         LocalizerSettings(**change).check()

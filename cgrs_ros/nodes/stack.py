@@ -75,6 +75,12 @@ def launch_arguments():
                        ('true', 'false')),
         LaunchArgument('sim', 'false', 'Start sim_drone, a simulated drone that flies to '
                        '/goal_pose and publishes odom, fix and status', ('true', 'false')),
+        LaunchArgument('localization', 'false', 'Start localization_node: position from the '
+                       'downward camera matched against satellite tiles (GNSS-denied)',
+                       ('true', 'false')),
+        LaunchArgument('localization_gallery', '',
+                       'Satellite gallery localization_node matches against (e.g. orthophoto '
+                       'tiles); empty = gallery_dir'),
         LaunchArgument('respawn', 'false', 'Restart a node that exits (a crash is a blip, not '
                        'a landing) instead of stopping the stack', ('true', 'false')),
         LaunchArgument('respawn_delay', '2.0', 'Seconds before a node is restarted'),
@@ -143,6 +149,18 @@ def node_specs(values):
             NodeSpec(executable='sim_drone', module='cgrs_ros.nodes.sim_drone',
                      name='sim_drone', namespace=values['namespace'],
                      parameters=parameters, log_level=values['log_level']))
+    if values['localization'] == 'true':
+        overrides = {}
+        if values['localization_gallery']:
+            # Its own gallery; the map datum still comes from the stack's gallery.
+            overrides['gallery_dir'] = values['localization_gallery']
+            if values['gallery_dir']:
+                overrides['datum_gallery'] = values['gallery_dir']
+        nodes.append(
+            NodeSpec(executable='localization_node',
+                     module='cgrs_ros.nodes.localization_node', name='localization_node',
+                     namespace=values['namespace'], parameters=parameters + [overrides],
+                     log_level=values['log_level']))
     for spec in nodes:
         spec.respawn, spec.respawn_delay, spec.respawn_max_retries = respawn, delay, retries
     return nodes

@@ -144,3 +144,21 @@ def write_orthophoto(scene, out_path, m_per_px=SATELLITE_M_PER_PX, seed=0,
                 ds.write(pixels, window=Window(col, row, width, height))
     tmp.replace(out_path)
     return side_px, side_px
+
+
+def satellite_tiles(demo_dir, out_dir, m_per_px=SATELLITE_M_PER_PX, overlap=0.75,
+                    tile_px=256, force=False):
+    """Write a dense satellite gallery of a demo town: its orthophoto cut into tiles.
+
+    What a localizer matches camera frames against (the demo gallery itself has one tile per
+    place). Same as ``cgrs gallery demo --orthophoto`` then ``cgrs gallery from-geotiff
+    ORTHO OUT --overlap 0.75 --alt ALT``. Returns the ``TileSummary``.
+    """
+    from cgrs_ros.engine.orthomosaic import tile_geotiff
+    scene = load_scene(demo_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ortho = out / 'orthophoto.tif'
+    write_orthophoto(scene, ortho, m_per_px=m_per_px, seed=scene.seed)
+    return tile_geotiff(ortho, out, tile_size=tile_px, overlap=overlap, alt=scene.datum.alt,
+                        force=force)

@@ -2,12 +2,18 @@
 
 One frame costs one or two image queries (``Retriever.query_image``):
 
-1. local: when the localizer has an anchor (its last estimate, or a prior given by the caller)
-   it searches only the gallery images within ``search_radius_m`` of it (the ``near`` area
-   is applied inside the FAISS search);
+1. local: when the localizer has an anchor (the median of its recent estimates, or a prior
+   given by the caller) it searches only the gallery images within ``search_radius_m`` of it
+   (the ``near`` area is applied inside the FAISS search). The radius grows by
+   ``radius_growth_mps`` for every second since the anchor's fix: without fixes the vehicle
+   keeps moving;
 2. global: when there is no anchor, nothing lies in the area, or the local best score is under
    ``min_score``, it searches the whole gallery (recovery after a jump, a kidnapping, or a
-   long stretch without fixes).
+   long stretch without fixes). With ``global_check`` (default) the whole gallery is searched
+   on every frame too, and a place outside the area scoring ``min_margin`` above the local
+   best takes over. Measured on the demo towns, this is what keeps a localizer whose anchor
+   drifted onto a look-alike from staying there: the cosine scores of right and wrong
+   matches overlap, so a wrong area still offers a confident-looking best match.
 
 The estimate from the ranked matches:
 
@@ -46,13 +52,15 @@ class LocalizerSettings:
     """How frames are matched and when a match is good enough for a fix (module docstring)."""
 
     top_k: int = 8                    # matches per query (the spread is computed over them)
-    search_radius_m: float = 150.0    # local search radius around the anchor
-    min_score: float = 0.5            # cosine: local best under this -> global; global -> refuse
-    min_margin: float = 0.02          # best vs the best other place: closer -> ambiguous
-    ambiguity_radius_m: float = 60.0  # matches nearer than this to the best are the same place
+    search_radius_m: float = 90.0     # local search radius around the anchor
+    min_score: float = 0.7            # cosine: local best under this -> global; global -> refuse
+    min_margin: float = 0.05          # best vs the best other place: closer -> ambiguous
+    ambiguity_radius_m: float = 130.0  # nearer matches are the same place (~ a tile's width)
     temperature: float = 0.02         # score -> weight softness (cosine units)
     min_sigma_m: float = 8.0          # floor of the position standard deviation
     anchor_window: int = 5            # the anchor is the median of the last fixes (outliers)
+    radius_growth_mps: float = 10.0   # the local radius grows this fast while there is no fix
+    global_check: bool = True         # also search globally; a clearly better place wins
     platform: str = 'satellite'       # gallery rows matched against ('' = all)
     query_platform: str = 'drone'     # the frames' platform (the encoder's expert, if any)
 
@@ -65,7 +73,7 @@ class LocalizerSettings:
         for name in ('search_radius_m', 'ambiguity_radius_m', 'temperature'):
             if not getattr(self, name) > 0:
                 raise ValueError(f'{name} {getattr(self, name)} must be above 0')
-        for name in ('min_margin', 'min_sigma_m'):
+        for name in ('min_margin', 'min_sigma_m', 'radius_growth_mps'):
             if not getattr(self, name) >= 0:
                 raise ValueError(f'{name} {getattr(self, name)} must be 0 or more')
         if not -1.0 <= self.min_score <= 1.0:
@@ -134,6 +142,7 @@ class Localizer:
         self.retriever = retriever
         self.settings = (settings or LocalizerSettings()).check()
         self._anchor = None
+        self._anchor_time = None      # frame time (s) of the fix the anchor comes from
         self._recent = collections.deque(maxlen=int(self.settings.anchor_window))
         if prior is not None:
             self.set_prior(*prior)
@@ -143,6 +152,19 @@ class Localizer:
         """Return where the next local search is centred: (lat, lon, radius_m) or None."""
         return self._anchor
 
+    def search_area(self, stamp=None):
+        """Return the local search area for a frame taken at ``stamp`` (s), or None.
+
+        The anchor's radius plus ``radius_growth_mps`` for every second since the fix it comes
+        from: without fixes the vehicle keeps moving, so where it can be keeps widening.
+        """
+        if self._anchor is None:
+            return None
+        lat, lon, radius = self._anchor
+        if stamp is not None and self._anchor_time is not None:
+            radius += self.settings.radius_growth_mps * max(0.0, stamp - self._anchor_time)
+        return lat, lon, radius
+
     def set_prior(self, lat, lon, radius_m=None):
         """Search within ``radius_m`` (default search_radius_m) of (lat, lon) next."""
         radius = float(radius_m if radius_m is not None else self.settings.search_radius_m)
@@ -150,39 +172,44 @@ class Localizer:
             raise ValueError(f'prior ({lat}, {lon}, {radius} m) needs finite degrees and a '
                              'radius above 0')
         self._anchor = (float(lat), float(lon), radius)
+        self._anchor_time = None
         self._recent.clear()
 
     def forget(self):
         """Drop the anchor: the next frame is searched over the whole gallery."""
-        self._anchor = None
+        self._anchor = self._anchor_time = None
         self._recent.clear()
 
-    def _move_anchor(self, estimate):
+    def _move_anchor(self, estimate, stamp):
         """Centre the next local search on the median of the recent fixes."""
         self._recent.append((estimate.lat, estimate.lon))
         lat, lon = np.median(np.array(self._recent), axis=0)
         self._anchor = (float(lat), float(lon), self.settings.search_radius_m)
+        self._anchor_time = stamp
 
     def _query(self, frame, near):
         s = self.settings
         return self.retriever.query_image(frame, top_k=s.top_k, platform=s.platform or None,
                                           near=near, query_platform=s.query_platform)
 
-    def locate(self, image, heading_deg=None):
+    def locate(self, image, heading_deg=None, stamp=None):
         """Return the :class:`Outcome` of one frame (PIL image); rectified when heading given.
 
-        A fix moves the anchor to the estimate (radius ``search_radius_m``).
+        ``stamp`` is the frame time in seconds (any clock, used for differences only); without
+        it the local radius does not grow. A fix moves the anchor to the median of the recent
+        estimates, radius ``search_radius_m``.
         """
         start = time.perf_counter()
         s = self.settings
         frame = image if heading_deg is None else rectify(image, heading_deg)
         modes, result, local_note = [], None, ''
-        if self._anchor is not None:
+        area = self.search_area(stamp)
+        if area is not None:
             modes.append('local')
-            result = self._query(frame, self._anchor)
+            result = self._query(frame, area)
             best = result.candidates[0].coarse_score if result.candidates else None
             if best is None:
-                local_note = f'nothing indexed within {self._anchor[2]:g} m of the anchor'
+                local_note = f'nothing indexed within {area[2]:.0f} m of the anchor'
                 result = None
             elif best < s.min_score:
                 local_note = f'local best score {best:.3f} under min_score {s.min_score}'
@@ -190,9 +217,22 @@ class Localizer:
         if result is None:
             modes.append('global')
             result = self._query(frame, None)
+        elif s.global_check:
+            # A local search centred on a wrong anchor keeps finding the best of a wrong area
+            # (scores do not tell): a place elsewhere scoring clearly higher takes over.
+            modes.append('global')
+            wider = self._query(frame, None)
+            if wider.candidates and wider.candidates[0].coarse_score >= \
+                    result.candidates[0].coarse_score + s.min_margin:
+                local_note = (f'a place outside the local area scores '
+                              f'{wider.candidates[0].coarse_score:.3f} against '
+                              f'{result.candidates[0].coarse_score:.3f} inside it')
+                result = wider
+            else:
+                modes.pop()
         estimate, reason = self.estimate(result.candidates)
         if estimate is not None:
-            self._move_anchor(estimate)
+            self._move_anchor(estimate, stamp)
         elif local_note:
             reason = f'{reason} (after a global search; {local_note})'
         best = result.candidates[0].coarse_score if result.candidates else math.nan
