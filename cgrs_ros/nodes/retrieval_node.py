@@ -3,7 +3,12 @@
 Topics (relative names live in the node's namespace, ``cgrs`` in the launch file):
 
 - sub ``goal_text`` (std_msgs/String): a goal in words.
-- action ``retrieve`` (cgrs_ros/action/Retrieve): the same, with feedback, result, cancel.
+- sub ``goal_image`` (sensor_msgs/Image) and ``goal_image/compressed``
+  (sensor_msgs/CompressedImage): a goal as a photo of the place ("go where this was taken"),
+  ranked by the image tower (``Retriever.query_image``); decoded without cv_bridge. An image
+  that cannot be decoded is answered with STATUS_INVALID_GOAL and the reason.
+- action ``retrieve`` (cgrs_ros/action/Retrieve): the same, with feedback, result, cancel; a
+  goal whose ``image`` holds data is an image query.
 - pub ``/goal_pose`` (geometry_msgs/PoseStamped, map frame) for Nav2, ``goal_fix``
   (sensor_msgs/NavSatFix), ``result`` (cgrs_ros/RetrievalResult), ``candidates``
   (visualization_msgs/MarkerArray), ``/diagnostics``.
@@ -21,13 +26,13 @@ import collections
 from dataclasses import dataclass, field
 import math
 import threading
-import time
 
 from cgrs_ros.action import Retrieve
 from cgrs_ros.engine.errors import CgrsError
 from cgrs_ros.msg import RetrievalResult
-from cgrs_ros.nodes import convert
+from cgrs_ros.nodes import convert, image_msgs
 from cgrs_ros.nodes.datum import DATUM_PARAMETERS, resolve_datum
+from cgrs_ros.nodes.engine_loader import open_retriever
 from cgrs_ros.nodes.parameters import declare_parameters, Param
 from cgrs_ros.nodes.spin import spin_node
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -37,7 +42,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
-from sensor_msgs.msg import NavSatFix
+from sensor_msgs.msg import CompressedImage, Image, NavSatFix
 from std_msgs.msg import String, UInt32
 from visualization_msgs.msg import MarkerArray
 
@@ -80,6 +85,13 @@ PARAMETERS = (
     Param('caption_poll_period', 5.0,
           'Seconds between checks for new captions in the store (0 = only on notification).',
           minimum=0.0, maximum=3600.0),
+    Param('image_platform', '', 'Gallery rows an image goal is ranked against (e.g. '
+          'satellite for drone photo -> satellite tile); empty = all.',
+          check=_platform_ok),
+    Param('image_query_platform', 'drone', 'Platform the goal photos come from (selects the '
+          'expert of image encoders that have platform experts).', choices=PLATFORMS),
+    Param('max_image_pixels', 16_000_000, 'Goal images with more pixels are refused before '
+          'decoding.', minimum=1, maximum=400_000_000),
 )
 
 
@@ -91,11 +103,12 @@ class _Canceled(Exception):
 class Job:
     """One goal waiting for (or in) the worker."""
 
-    text: str
+    text: str                                # the goal text, or the label of an image goal
     top_k: int
     platform: str
     source: str                              # 'topic' | 'action'
     goal_handle: object = None
+    image: object = None                     # a decoded PIL image: an image query
     done: threading.Event = field(default_factory=threading.Event)
     result: RetrievalResult = None
 
@@ -129,6 +142,11 @@ def validate_goal_text(text, max_length):
     return stripped
 
 
+def _image_label(msg):
+    """Return how results name an image goal, e.g. ``[image goal: 256x256 rgb8]``."""
+    return f'[image goal: {image_msgs.describe(msg)}]'
+
+
 class RetrievalNode(Node):
     """Runs retrievals off the executor thread and publishes the best candidate's pose."""
 
@@ -159,6 +177,9 @@ class RetrievalNode(Node):
         # raw=True: the node decodes the String itself, so text that is not UTF-8 becomes an
         # error result instead of an exception inside the executor.
         self.create_subscription(String, 'goal_text', self._on_goal_text, 50, raw=True)
+        self.create_subscription(Image, 'goal_image', self._on_goal_image, 10)
+        self.create_subscription(CompressedImage, 'goal_image/compressed',
+                                 self._on_goal_image, 10)
         self.create_subscription(UInt32, 'captions_updated', self._on_captions_updated, 10)
         self._action = ActionServer(
             self, Retrieve, 'retrieve', execute_callback=self._execute,
@@ -213,6 +234,23 @@ class RetrievalNode(Node):
         job = Job(text=text, top_k=self.params['top_k'], platform='', source='topic')
         self._enqueue(job)
 
+    def _on_goal_image(self, msg):
+        label = _image_label(msg)
+        try:
+            image = self._decode_goal_image(msg)
+        except ValueError as exc:
+            self._reject(label, str(exc))
+            return
+        self._enqueue(Job(text=label, top_k=self.params['top_k'],
+                          platform=self.params['image_platform'], source='topic', image=image))
+
+    def _decode_goal_image(self, msg):
+        """Return the PIL image of a goal image message; ValueError with the reason."""
+        try:
+            return image_msgs.msg_to_pil(msg, self.params['max_image_pixels'])
+        except ValueError as exc:
+            raise ValueError(f'the goal image could not be used: {exc}') from None
+
     def _reject(self, text, reason, status=RetrievalResult.STATUS_INVALID_GOAL, job=None):
         self.get_logger().warning(f'goal refused: {reason}')
         result = convert.error_message(text, status, reason, self.params['map_frame'],
@@ -250,15 +288,20 @@ class RetrievalNode(Node):
         job = Job(text=goal.description, top_k=goal.top_k or self.params['top_k'],
                   platform=platform, source='action', goal_handle=goal_handle)
         try:
-            job.text = validate_goal_text(goal.description, self.params['max_goal_length'])
             reason = _platform_ok(platform)
             if reason:
                 raise ValueError(reason)
             if goal.top_k > TOP_K_MAX:
                 raise ValueError(f'top_k {goal.top_k} is more than {TOP_K_MAX}, the most the '
                                  'top_k parameter allows; ask for fewer candidates')
+            if len(goal.image.data):
+                job.text = _image_label(goal.image)
+                job.platform = platform or self.params['image_platform']
+                job.image = self._decode_goal_image(goal.image)
+            else:
+                job.text = validate_goal_text(goal.description, self.params['max_goal_length'])
         except ValueError as exc:
-            job.result = self._reject(goal.description[:200], str(exc), job=job)
+            job.result = self._reject(job.text[:200], str(exc), job=job)
             goal_handle.abort()
             return Retrieve.Result(result=job.result)
         job.feedback('queued', 0.0)
@@ -299,26 +342,10 @@ class RetrievalNode(Node):
 
     # ---- the worker -----------------------------------------------------------------
     def _load_engine(self):
-        from cgrs_ros.engine.config import load_config
-        from cgrs_ros.engine.indexer import index_gallery
-        from cgrs_ros.engine.retriever import Retriever
-
-        gallery = self.params['gallery_dir']
-        state = self.params['state_dir'] or None
         overrides = {'retrieval.coarse_k': self.params['coarse_k'],
                      'retrieval.top_k': self.params['top_k']}
-        config = load_config(self.params['config'] or None, overrides)
-        self._apply_rerank_params(config.reranker)
-        started = time.monotonic()
-        summary = index_gallery(gallery, config, state_dir=state, progress=False)
-        self.get_logger().info(
-            f'index of {gallery}: {summary.indexed} indexed, {summary.unchanged} unchanged, '
-            f'{len(summary.skipped)} skipped ({time.monotonic() - started:.1f} s)')
-        for repair in summary.repairs:  # damaged state found and repaired by this index run
-            self.get_logger().warning(f'repaired: {repair}')
-        for skipped in summary.skipped[:20]:
-            self.get_logger().warning(f'skipped: {skipped}')
-        self._retriever = Retriever.open(gallery, config, state_dir=state)
+        self._retriever = open_retriever(self.params, self.get_logger(), overrides,
+                                         adjust=lambda c: self._apply_rerank_params(c.reranker))
         self._datum_now()  # derive (and log) the datum now, not on the first goal
         stats = self._retriever.stats()
         self.get_logger().info(
@@ -377,10 +404,17 @@ class RetrievalNode(Node):
             job.feedback(stage, progress)
 
         try:
-            found = self._retriever.query(job.text, top_k=job.top_k,
-                                          platform=job.platform or None, on_stage=on_stage)
+            if job.image is not None:
+                found = self._retriever.query_image(
+                    job.image, top_k=job.top_k, platform=job.platform or None,
+                    on_stage=on_stage, query_platform=self.params['image_query_platform'])
+            else:
+                found = self._retriever.query(job.text, top_k=job.top_k,
+                                              platform=job.platform or None, on_stage=on_stage)
             result = convert.result_message(found, self._datum_now(), frame,
                                             self.get_clock().now().to_msg(), job.platform)
+            if job.image is not None:
+                result.query = job.text  # the message's label; normalized_query: the engine's
         except _Canceled:
             return self._finish_canceled(job)
         except CgrsError as exc:
