@@ -99,11 +99,32 @@ def test_prior_is_searched_locally_first_and_failure_falls_back_to_global():
     localizer = Localizer(retriever, SETTINGS, prior=(*prior, 250.0))
     outcome = localizer.locate(FRAME)
     assert [c['near'] for c in retriever.calls] == [(*prior, 250.0), None]
-    assert outcome.mode == 'local+global' and outcome.estimate.image_id == 'strong'
+    # 400 m from the prior is a jump: taken once two frames in a row agree (confirm_jumps).
+    assert outcome.mode == 'local+global' and outcome.estimate is None
+    assert outcome.reason == ('a fix strong outside the local area awaits confirmation '
+                              '(1 of 2 frames)')
+    outcome = localizer.locate(FRAME)
+    assert outcome.estimate.image_id == 'strong'
     # The next frame searches around the new estimate with search_radius_m.
     localizer.locate(FRAME)
-    assert retriever.calls[2]['near'][2] == 100.0
-    assert _metres(*retriever.calls[2]['near'][:2]) == pytest.approx((400.0, 0.0), abs=0.1)
+    assert retriever.calls[4]['near'][2] == 100.0
+    assert _metres(*retriever.calls[4]['near'][:2]) == pytest.approx((400.0, 0.0), abs=0.1)
+
+
+def test_a_jump_is_confirmed_by_frames_agreeing_on_one_place():
+    places = iter([400.0, -400.0, -390.0, 0.0])
+    retriever = ScriptedRetriever(lambda near: _candidates(
+        [('weak', 0.0, 0.0, 0.1)] if near else [('far', next(places), 0.0, 0.95)]))
+    localizer = Localizer(retriever, SETTINGS, prior=(*_latlon(0, 0), 100.0))
+    assert localizer.locate(FRAME).estimate is None       # 400 m east: 1 of 2
+    assert localizer.locate(FRAME).estimate is None       # 400 m west: another place, 1 of 2
+    fix = localizer.locate(FRAME).estimate                # 390 m west: agrees, taken
+    assert _metres(fix.lat, fix.lon)[0] == pytest.approx(-390.0, abs=0.1)
+    at_once = Localizer(ScriptedRetriever(lambda near: _candidates(
+        [('weak', 0.0, 0.0, 0.1)] if near else [('far', 400.0, 0.0, 0.95)])),
+        LocalizerSettings(**{**SETTINGS.__dict__, 'confirm_jumps': 1}),
+        prior=(*_latlon(0, 0), 100.0))
+    assert at_once.locate(FRAME).estimate is not None
 
 
 def test_nothing_in_range_searches_globally_and_says_so_when_that_fails_too():
@@ -137,6 +158,8 @@ def test_global_check_lets_a_clearly_better_place_outside_the_area_take_over():
     assert outcome.mode == 'local' and outcome.estimate.image_id == 'inside'
     assert [c['near'] is None for c in retriever.calls] == [False, True]
     best_outside[0] = 0.90
+    outcome = localizer.locate(FRAME)
+    assert outcome.mode == 'local+global' and 'awaits confirmation' in outcome.reason
     outcome = localizer.locate(FRAME)
     assert outcome.mode == 'local+global' and outcome.estimate.image_id == 'outside'
 
@@ -198,7 +221,8 @@ def test_the_anchor_is_the_median_of_recent_fixes_so_one_outlier_does_not_move_i
 @pytest.mark.parametrize('change, words', [
     ({'top_k': 0}, 'top_k'), ({'search_radius_m': 0.0}, 'search_radius_m'),
     ({'min_score': 2.0}, 'cosine'), ({'min_margin': -1.0}, 'min_margin'),
-    ({'anchor_window': 0}, 'anchor_window'), ({'radius_growth_mps': -1.0}, 'radius_growth')])
+    ({'anchor_window': 0}, 'anchor_window'), ({'radius_growth_mps': -1.0}, 'radius_growth'),
+    ({'confirm_jumps': 0}, 'confirm_jumps')])
 def test_settings_out_of_range_are_named(change, words):
     with pytest.raises(ValueError, match=words):
         LocalizerSettings(**change).check()

@@ -93,6 +93,9 @@ PARAMETERS = (
           'without a fix (m/s; about the top speed).', minimum=0.0, maximum=1000.0),
     Param('global_check', True, 'Search the whole gallery on every frame too; a place '
           'outside the local area scoring min_margin above the local best takes over.'),
+    Param('confirm_jumps', 2, 'A fix outside the local area (from a global search) is '
+          'published once this many frames in a row agree on it; 1 = at once.', minimum=1,
+          maximum=100),
     Param('min_score', 0.7, 'Local best score under this -> global search; a global best '
           'under it -> no fix (cosine; depends on the encoder: 0.7 suits the demo model).',
           minimum=-1.0, maximum=1.0),
@@ -123,9 +126,9 @@ PARAMETERS = (
           minimum=1, maximum=400_000_000),
 )
 
-_SETTINGS = ('top_k', 'search_radius_m', 'radius_growth_mps', 'global_check', 'min_score',
-             'min_margin', 'ambiguity_radius_m', 'temperature', 'min_sigma_m', 'anchor_window',
-             'platform', 'query_platform')
+_SETTINGS = ('top_k', 'search_radius_m', 'radius_growth_mps', 'global_check', 'confirm_jumps',
+             'min_score', 'min_margin', 'ambiguity_radius_m', 'temperature', 'min_sigma_m',
+             'anchor_window', 'platform', 'query_platform')
 
 
 def _stamp_s(stamp):

@@ -14,6 +14,9 @@ One frame costs one or two image queries (``Retriever.query_image``):
    best takes over. Measured on the demo towns, this is what keeps a localizer whose anchor
    drifted onto a look-alike from staying there: the cosine scores of right and wrong
    matches overlap, so a wrong area still offers a confident-looking best match.
+   A fix from a global search that lies outside the local area is a jump: it is published
+   only once ``confirm_jumps`` frames in a row put it at one place (a single look-alike
+   elsewhere does not move the vehicle hundreds of metres).
 
 The estimate from the ranked matches:
 
@@ -61,6 +64,7 @@ class LocalizerSettings:
     anchor_window: int = 5            # the anchor is the median of the last fixes (outliers)
     radius_growth_mps: float = 10.0   # the local radius grows this fast while there is no fix
     global_check: bool = True         # also search globally; a clearly better place wins
+    confirm_jumps: int = 2            # frames in a row a fix far from the anchor must agree
     platform: str = 'satellite'       # gallery rows matched against ('' = all)
     query_platform: str = 'drone'     # the frames' platform (the encoder's expert, if any)
 
@@ -68,6 +72,8 @@ class LocalizerSettings:
         """Raise ValueError naming the first setting out of range."""
         if not 1 <= int(self.top_k) <= 1000:
             raise ValueError(f'top_k {self.top_k} must be 1-1000')
+        if not 1 <= int(self.confirm_jumps) <= 100:
+            raise ValueError(f'confirm_jumps {self.confirm_jumps} must be 1-100 frames')
         if not 1 <= int(self.anchor_window) <= 1000:
             raise ValueError(f'anchor_window {self.anchor_window} must be 1-1000 fixes')
         for name in ('search_radius_m', 'ambiguity_radius_m', 'temperature'):
@@ -143,6 +149,7 @@ class Localizer:
         self.settings = (settings or LocalizerSettings()).check()
         self._anchor = None
         self._anchor_time = None      # frame time (s) of the fix the anchor comes from
+        self._jump = None             # (lat, lon, frames) of a far fix awaiting confirmation
         self._recent = collections.deque(maxlen=int(self.settings.anchor_window))
         if prior is not None:
             self.set_prior(*prior)
@@ -172,13 +179,41 @@ class Localizer:
             raise ValueError(f'prior ({lat}, {lon}, {radius} m) needs finite degrees and a '
                              'radius above 0')
         self._anchor = (float(lat), float(lon), radius)
-        self._anchor_time = None
+        self._anchor_time = self._jump = None
         self._recent.clear()
 
     def forget(self):
         """Drop the anchor: the next frame is searched over the whole gallery."""
-        self._anchor = self._anchor_time = None
+        self._anchor = self._anchor_time = self._jump = None
         self._recent.clear()
+
+    def _confirm_jump(self, estimate, area):
+        """Return '' when ``estimate`` may be taken, else why it waits for confirmation.
+
+        A fix outside the local area is a jump; it is taken once ``confirm_jumps`` frames in a
+        row put it at one place (within ``ambiguity_radius_m``), and the anchor restarts there.
+        """
+        s = self.settings
+        if area is None or s.confirm_jumps <= 1:
+            return ''
+        ref = Datum(area[0], area[1], 0.0)
+        east, north, _ = geodetic_to_enu(estimate.lat, estimate.lon, 0.0, ref)
+        if math.hypot(east, north) <= area[2]:
+            self._jump = None
+            return ''
+        count = 1
+        if self._jump is not None:
+            east, north, _ = geodetic_to_enu(estimate.lat, estimate.lon, 0.0,
+                                             Datum(self._jump[0], self._jump[1], 0.0))
+            if math.hypot(east, north) <= s.ambiguity_radius_m:
+                count = self._jump[2] + 1
+        if count >= s.confirm_jumps:
+            self._jump = None
+            self._recent.clear()  # the old place's fixes must not pull the anchor back
+            return ''
+        self._jump = (estimate.lat, estimate.lon, count)
+        return (f'a fix {estimate.image_id} outside the local area awaits confirmation '
+                f'({count} of {s.confirm_jumps} frames)')
 
     def _move_anchor(self, estimate, stamp):
         """Centre the next local search on the median of the recent fixes."""
@@ -231,6 +266,10 @@ class Localizer:
             else:
                 modes.pop()
         estimate, reason = self.estimate(result.candidates)
+        if estimate is not None and 'global' in modes:
+            reason = self._confirm_jump(estimate, area)
+            if reason:
+                estimate, local_note = None, ''
         if estimate is not None:
             self._move_anchor(estimate, stamp)
         elif local_note:
