@@ -266,6 +266,8 @@ class Retriever:
                 '`cgrs caption` and `cgrs index`')
         try:
             retriever.reranker = make_reranker(config.reranker)
+            if hasattr(retriever.reranker, 'prepare'):  # per-caption inputs, once, at open
+                retriever.reranker.prepare(retriever._captions.texts)
         except BaseException:
             retriever.close()
             raise

@@ -58,6 +58,12 @@ class TrainedReranker(Reranker):
         """Return 'trained:<folder>:<hash of the model config and training date>'."""
         return f'trained:{self._model_path}:{self._digest}'
 
+    def prepare(self, captions):
+        """Compute the cached inputs of a gallery's captions now (at open), not per query."""
+        distinct = list(dict.fromkeys(c for c in captions if c))[:CACHE_CAPTIONS]
+        for start in range(0, len(distinct), 256):
+            self._caption_inputs(distinct[start:start + 256])
+
     def _tokens(self, texts, max_tokens):
         tokens, mask = self._text.encode_tokens(texts, max_tokens, threads=1)
         return [(tokens[i, :mask[i].sum()].astype(np.float16)) for i in range(len(texts))]
@@ -100,7 +106,10 @@ class TrainedReranker(Reranker):
         fused = priors.get('fused')
         fused = np.zeros(n) if fused is None else np.asarray(fused, dtype=np.float64)
         q_tok = self._tokens([query], self.config['max_query_tokens'])[0]
-        q_vec = self._text.encode_texts([query], threads=1)[0]
+        # all-MiniLM's sentence vector is the normalized mean of its word pieces: no second
+        # forward pass for the query.
+        q_vec = q_tok.astype(np.float32).mean(axis=0)
+        q_vec /= max(float(np.linalg.norm(q_vec)), 1e-12)
         inputs = self._caption_inputs(captions)
         sentences = sentence_scores(q_vec, [np.zeros((0, len(q_vec))) if x is None else x[1]
                                             for x in inputs])
