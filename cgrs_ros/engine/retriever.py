@@ -265,9 +265,7 @@ class Retriever:
                 'image has a caption; configure an image encoder, or add descriptions / run '
                 '`cgrs caption` and `cgrs index`')
         try:
-            retriever.reranker = make_reranker(config.reranker)
-            if hasattr(retriever.reranker, 'prepare'):  # per-caption inputs, once, at open
-                retriever.reranker.prepare(retriever._captions.texts)
+            retriever.use_reranker(make_reranker(config.reranker))
         except BaseException:
             retriever.close()
             raise
@@ -319,6 +317,16 @@ class Retriever:
             captions = _CaptionState(index=index, texts=tuple(caption_texts), by_hash={})
         return cls(gallery, config, image_encoder=image_encoder, image_index=image_index,
                    text_encoder=text_encoder, captions=captions, reranker=reranker)
+
+    def use_reranker(self, reranker):
+        """Set the reranker stage's model (None: no stage), preparing it for this gallery.
+
+        A reranker with per-caption inputs (``prepare``) computes them for the gallery's
+        captions now, once, instead of on the first queries that meet them.
+        """
+        self.reranker = reranker
+        if reranker is not None and hasattr(reranker, 'prepare'):
+            reranker.prepare(self._captions.texts)
 
     def close(self):
         """Release the caption store connection and the reranker."""

@@ -307,7 +307,7 @@ def run_methods(gallery_dir, queries, methods, config_path=None, state_dir=None,
                 if reranker is not None:
                     name = method + WITH_RERANKER
                     _say(progress, f'{name}: {len(queries)} queries ...')
-                    retriever.reranker = reranker
+                    retriever.use_reranker(reranker)
                     try:
                         out.runs[name] = _run_queries(retriever, queries, max_k)
                     finally:
