@@ -94,6 +94,8 @@ def summarize(errors, frames, fixes, seconds, latencies):
         'error_median_m': float(np.median(errors)) if len(errors) else math.nan,
         'error_p95_m': float(np.percentile(errors, 95)) if len(errors) else math.nan,
         'error_max_m': float(errors.max()) if len(errors) else math.nan,
+        'fixes_within_m': {str(d): float(np.mean(errors <= d)) if len(errors) else 0.0
+                           for d in (25, 50, 100)},
         'frames_per_s': frames / seconds if seconds else 0.0,
         'latency_median_ms': float(np.median(latencies)) if len(latencies) else math.nan,
     }
@@ -336,6 +338,9 @@ def main():
           f'{args.rate:g} Hz ({args.transport}), GNSS unused:')
     print(f'  error median {figures["error_median_m"]:.1f} m, p95 '
           f'{figures["error_p95_m"]:.1f} m, max {figures["error_max_m"]:.1f} m')
+    within = figures['fixes_within_m']
+    print(f'  fixes within 25 / 50 / 100 m of the truth: {within["25"]:.0%} / '
+          f'{within["50"]:.0%} / {within["100"]:.0%}')
     print(f'  availability {figures["availability"]:.0%} ({figures["fixes"]} fixes of '
           f'{figures["frames_matched"]} frames matched)')
     print(f'  {figures["frames_per_s"]:.2f} frames/s matched'

@@ -9,8 +9,9 @@ Topics (relative names live in the node's namespace, ``cgrs`` in the launch file
 - sub ``camera/image`` (sensor_msgs/Image; ``image_transport: raw``) or
   ``camera/image/compressed`` (sensor_msgs/CompressedImage; ``compressed``): the downward
   camera (``image_topic`` names the base topic).
-- sub ``imu`` (sensor_msgs/Imu) when ``heading_source: imu``: its yaw turns each frame north-up
-  before matching (satellite tiles are north-up; a body-fixed camera turns with the drone).
+- sub ``imu`` (sensor_msgs/Imu) when ``heading_source: imu``: the yaw of the message nearest
+  the frame's stamp turns the frame north-up before matching (satellite tiles are north-up; a
+  body-fixed camera turns with the drone).
 - pub ``localization/fix`` (sensor_msgs/NavSatFix): latitude/longitude of the estimate,
   altitude NaN (a nadir image says where, not how high), ENU covariance (approximated; the
   vertical variance is 1e6, unknown). ``status.service`` is 0: not a GNSS receiver.
@@ -80,8 +81,8 @@ PARAMETERS = (
           choices=('none', 'imu'), read_only=True),
     Param('imu_topic', 'imu', 'sensor_msgs/Imu topic read when heading_source is imu.',
           read_only=True, check=_not_blank('imu_topic')),
-    Param('imu_max_age', 1.0, 'An IMU message older than this (s, frame stamp vs imu stamp) '
-          'gives no heading: the frame is skipped with the reason.', minimum=0.01,
+    Param('imu_max_age', 1.0, 'No IMU message within this of the frame stamp (s): no '
+          'heading, the frame is skipped with the reason.', minimum=0.01,
           maximum=3600.0),
     Param('rate', 2.0, 'Most frames matched per second; frames arriving while busy are '
           'dropped (the newest waits).', minimum=0.01, maximum=100.0),
@@ -154,7 +155,8 @@ class LocalizationNode(Node):
         self.params = declare_parameters(self, PARAMETERS, on_change=self._on_parameter)
         self._lock = threading.Condition()
         self._frame = None           # the newest frame not yet matched
-        self._imu = None
+        self._imu = collections.deque(maxlen=400)   # recent IMU messages (20 s at 20 Hz)
+        self._imu_lock = threading.Lock()
         self._stop = False
         self._localizer = None
         self._datum = None
@@ -222,18 +224,24 @@ class LocalizationNode(Node):
             self._lock.notify_all()
 
     def _on_imu(self, msg):
-        self._imu = msg  # one reference swap: the worker reads whichever is newest
+        with self._imu_lock:
+            self._imu.append(msg)
 
     def _heading_for(self, frame):
         """Return (heading deg or None, reason when a needed heading is missing)."""
         if self.params['heading_source'] != 'imu':
             return None, ''
-        imu = self._imu
-        if imu is None:
+        with self._imu_lock:
+            history = list(self._imu)
+        if not history:
             return None, f'no IMU message on {self.params["imu_topic"]} yet (heading_source imu)'
-        age = abs(_stamp_s(frame.header.stamp) - _stamp_s(imu.header.stamp))
+        # The IMU message nearest the frame's stamp, not the newest: a frame waits up to one
+        # period for its turn, and the drone may be turning meanwhile.
+        taken = _stamp_s(frame.header.stamp)
+        imu = min(history, key=lambda m: abs(_stamp_s(m.header.stamp) - taken))
+        age = abs(taken - _stamp_s(imu.header.stamp))
         if age > self.params['imu_max_age']:
-            return None, (f'the newest IMU heading is {age:.2f} s from the frame, more than '
+            return None, (f'the nearest IMU heading is {age:.2f} s from the frame, more than '
                           f'imu_max_age {self.params["imu_max_age"]} s')
         heading = imu_heading_deg(imu)
         if heading is None:
