@@ -302,14 +302,22 @@ def run_ros(args, out, town):
             except subprocess.TimeoutExpired:
                 proc.kill()
     stamps = np.array([_stamp(t) for t in truth])
-    errors = []
+    errors, outliers = [], []
     for fix in fixes:
         i = int(np.argmin(np.abs(stamps - _stamp(fix))))
         errors.append(geod.inv(fix.longitude, fix.latitude, truth[i].longitude,
                                truth[i].latitude)[2])
+        if errors[-1] > 100.0:  # where the large errors happen (map metres)
+            true_en = scene.enu(truth[i].latitude, truth[i].longitude, scene.datum.alt)[:2]
+            fix_en = scene.enu(fix.latitude, fix.longitude, scene.datum.alt)[:2]
+            outliers.append({'t_s': round(_stamp(fix) - stamps[0], 2),
+                             'error_m': round(errors[-1], 1),
+                             'true_en': [round(float(v), 1) for v in true_en],
+                             'fix_en': [round(float(v), 1) for v in fix_en]})
     frames = int(diag.get('frames_processed', 0)) - frames0
     figures = summarize(errors, frames, int(diag.get('fixes', 0)) - fixes0, seconds, latencies)
     figures['frames_dropped'] = int(diag.get('frames_dropped', 0)) - dropped0
+    figures['fixes_over_100m'] = outliers
     figures['flight_s'] = seconds
     return figures
 
