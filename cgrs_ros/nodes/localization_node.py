@@ -136,6 +136,15 @@ def _stamp_s(stamp):
     return stamp.sec + stamp.nanosec * 1e-9
 
 
+def _needs_image_encoder(config):
+    """Refuse a config without an image encoder before anything is indexed."""
+    from cgrs_ros.engine.errors import ConfigError
+    if config.image_encoder.backend == 'none':
+        raise ConfigError('localization matches images with the image encoder, and '
+                          'image_encoder.backend is none in the config; give a config with an '
+                          'image encoder (e.g. config/demo_engine.yaml)')
+
+
 def imu_heading_deg(msg):
     """Return the compass heading (deg) of an Imu orientation, None when it has none."""
     q = msg.orientation
@@ -251,7 +260,7 @@ class LocalizationNode(Node):
     # ---- the worker -----------------------------------------------------------------
     def _load(self):
         from cgrs_ros.engine.localization import Localizer
-        retriever = open_retriever(self.params, self.get_logger())
+        retriever = open_retriever(self.params, self.get_logger(), adjust=_needs_image_encoder)
         self._localizer = Localizer(retriever, self._settings(), prior=self._prior())
         self._datum_now()
         self.get_logger().info(
