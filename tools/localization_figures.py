@@ -53,12 +53,23 @@ def _args():
                         help='IMU compass noise, degrees (standard deviation)')
     parser.add_argument('--margin', type=float, default=120.0,
                         help='route distance from the town edge, m')
+    parser.add_argument('--config', default=str(ROOT / 'config' / 'demo_engine.yaml'),
+                        help='engine config whose image encoder matches (default: '
+                             'config/demo_engine.yaml, the demo config)')
+    parser.add_argument('--min-score', type=float, default=None,
+                        help='localizer min_score (default 0.7, the node default, calibrated '
+                             'for models/demo_dual; other encoders score on other scales)')
     parser.add_argument('--offline', action='store_true',
                         help='engine only: no ROS, frames matched one after the other')
     return parser.parse_args()
 
 
-def prepare(out, seed, size):
+def state_dir(tiles, config):
+    """Return the tiles' state folder for one engine config (one index per encoder)."""
+    return tiles / f'.cgrs-{Path(config).stem}'
+
+
+def prepare(out, seed, size, config):
     """Write the demo town and its satellite tiles, index the tiles; return (town, tiles)."""
     from cgrs_ros.engine.config import load_config
     from cgrs_ros.engine.demo import generate_demo_world
@@ -73,7 +84,8 @@ def prepare(out, seed, size):
         print(f'{summary.tiles} satellite tiles (stride {summary.stride} px = '
               f'{summary.stride * 0.5:g} m) in {tiles}')
     started = time.monotonic()
-    index_gallery(tiles, load_config(ROOT / 'config' / 'demo_engine.yaml'), progress=False)
+    index_gallery(tiles, load_config(config), state_dir=state_dir(tiles, config),
+                  progress=False)
     print(f'tiles indexed in {time.monotonic() - started:.0f} s')
     return town, tiles
 
@@ -108,16 +120,20 @@ def run_offline(args, town, tiles):
     from cgrs_ros.engine import geo
     from cgrs_ros.engine.config import load_config
     from cgrs_ros.engine.demo.scene import load_scene, render_camera
-    from cgrs_ros.engine.localization import Localizer
+    from cgrs_ros.engine.localization import Localizer, LocalizerSettings
     from cgrs_ros.engine.retriever import Retriever
     import numpy as np
 
     scene = load_scene(town)
-    retriever = Retriever.open(tiles, load_config(ROOT / 'config' / 'demo_engine.yaml'))
+    retriever = Retriever.open(tiles, load_config(args.config),
+                               state_dir=state_dir(tiles, args.config))
     route = lawnmower(scene.side_m, args.margin)
     step = args.speed / args.rate
     lat, lon, _ = geo.enu_to_geodetic(*route[0], 0.0, scene.datum)
-    localizer = Localizer(retriever, prior=(lat, lon, 100.0))
+    settings = LocalizerSettings()
+    if args.min_score is not None:
+        settings.min_score = args.min_score
+    localizer = Localizer(retriever, settings, prior=(lat, lon, 100.0))
     rng = np.random.default_rng(0)
     errors, latencies, frames, fixes, t = [], [], 0, 0, 0.0
     started = time.perf_counter()
@@ -157,11 +173,14 @@ def _params_file(out, args, town, start):
                       'imu.yaw_stddev_deg': args.yaw_noise, 'initial.x': start[0],
                       'initial.y': start[1], 'initial.z': args.altitude,
                       'cruise_altitude': args.altitude, 'max_speed': args.speed},
-        'localization_node': {**datum, 'config': str(ROOT / 'config' / 'demo_engine.yaml'),
+        'localization_node': {**datum, 'config': str(Path(args.config).resolve()),
+                              'state_dir': str(state_dir(out / 'tiles', args.config)),
                               'image_transport': args.transport, 'heading_source': 'imu',
                               'rate': args.rate, 'prior.latitude': lat,
                               'prior.longitude': lon, 'prior.radius_m': 100.0},
     }
+    if args.min_score is not None:
+        sections['localization_node']['min_score'] = args.min_score
     lines = []
     for node, values in sections.items():
         lines += [f'/**/{node}:', '  ros__parameters:']
@@ -333,13 +352,14 @@ def main():
     ensure_torchvision()
     out = Path(args.out or tempfile.mkdtemp(prefix='cgrs-localization-')).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    town, tiles = prepare(out, args.seed, args.size)
+    town, tiles = prepare(out, args.seed, args.size, args.config)
     figures = run_offline(args, town, tiles) if args.offline else run_ros(args, out, town)
     figures.update({'mode': 'offline (engine only)' if args.offline else 'ROS closed loop',
                     'seed': args.seed, 'size': args.size, 'altitude_m': args.altitude,
                     'speed_mps': args.speed, 'rate_hz': args.rate,
                     'camera_px': args.camera_size, 'transport': args.transport,
-                    'yaw_noise_deg': args.yaw_noise, 'cpus': os.cpu_count()})
+                    'yaw_noise_deg': args.yaw_noise, 'config': args.config,
+                    'min_score': args.min_score, 'cpus': os.cpu_count()})
     (out / 'figures.json').write_text(json.dumps(figures, indent=1) + '\n')
     print(f'localization, {figures["mode"]}, demo town seed {args.seed} ({args.size} places), '
           f'{args.altitude:g} m, {args.speed:g} m/s, camera {args.camera_size} px at '
