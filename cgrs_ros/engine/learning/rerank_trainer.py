@@ -38,7 +38,7 @@ from cgrs_ros.engine.learning.cross import (caption_sentences, CrossScorer, list
                                             sentence_scores)
 from cgrs_ros.engine.learning.data import attribute_words, clause_views, load_query_set
 from cgrs_ros.engine.learning.trainer import load_checkpoint, save_checkpoint, TrainingError
-from cgrs_ros.engine.rerank import minmax
+from cgrs_ros.engine.rerankers.stage import stage_order
 from cgrs_ros.engine.storage import atomic_write_json, atomic_write_text, read_json
 import numpy as np
 from pydantic import Field, ValidationError
@@ -346,10 +346,10 @@ def stage_recall(items, logits, k, weight):
         order = np.arange(len(lab))
         if weight is not None:
             kk = min(k, len(lab))
-            prior = pri[:kk, 2].astype(np.float64)  # minmax_fused over the list
-            prior = np.nan_to_num(minmax(prior), nan=0.0)
-            p = 1.0 / (1.0 + np.exp(-logit[:kk]))
-            order[:kk] = np.argsort(-((1 - weight) * prior + weight * p), kind='stable')
+            probs = np.full(len(lab), np.nan)
+            probs[:kk] = 1.0 / (1.0 + np.exp(-logit[:kk]))
+            # minmax_fused over the list ranks and min-maxes like the fused scores themselves
+            order, _ = stage_order(pri[:, 2].astype(np.float64), probs, kk, weight)
         pos = np.flatnonzero(lab[order] >= 1.0)
         for kk in hits:
             hits[kk] += int(len(pos) > 0 and pos[0] < kk)
