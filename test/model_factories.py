@@ -260,12 +260,17 @@ def _user_parts(body):
     return body['messages'][-1]['content']
 
 
-def uploaded_image(body):
-    """Return the image a chat request carries (decoded from its base64 JPEG data URL)."""
-    url, = [part['image_url']['url'] for part in _user_parts(body)
+def uploaded_images(body):
+    """Return the images a chat request carries, in order (decoded from base64 JPEG URLs)."""
+    urls = [part['image_url']['url'] for part in _user_parts(body)
             if part['type'] == 'image_url']
-    assert url.startswith('data:image/jpeg;base64,')
-    return Image.open(io.BytesIO(base64.b64decode(url.split(',', 1)[1])))
+    assert urls and all(url.startswith('data:image/jpeg;base64,') for url in urls)
+    return [Image.open(io.BytesIO(base64.b64decode(url.split(',', 1)[1]))) for url in urls]
+
+
+def uploaded_image(body):
+    """Return the (last) image a chat request carries: the candidate, for an image pair."""
+    return uploaded_images(body)[-1]
 
 
 def prompt_text(body):

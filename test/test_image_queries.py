@@ -200,14 +200,54 @@ class _TextReranker:
 
 def test_a_text_reranker_is_skipped_and_says_why(setup):
     gallery_dir, config_file, retriever = setup
-    config = load_config(str(config_file), {'reranker.backend': 'openai',
-                                            'reranker.model': 'some-vlm'})
+    config = load_config(str(config_file), {'reranker.backend': 'itm',
+                                            'reranker.model': 'some-blip'})
     with_stage = Retriever(retriever.gallery, config, image_encoder=retriever._image_encoder,
                            image_index=retriever._image_index, reranker=_TextReranker())
     result = with_stage.query_image(decode_image(gallery_dir / 'img' / 'd1.png'))
-    assert result.rerank == {'skipped': 'the openai reranker compares text with images only',
+    assert result.rerank == {'skipped': 'the itm reranker compares text with images only',
                              'reranker': 'fake-rerank'}
     assert _ids(result)[0] == 'd1'
+
+
+def test_the_openai_reranker_sees_photo_and_candidate_pairs(setup, chat_server):
+    """The VLM gets the photo and each candidate with the same-place question; its answers
+    (Yes only for the tile the image tower ranked last) re-sort the satellite candidates."""
+    from cgrs_ros.engine.rerankers import make_reranker
+    from model_factories import prompt_text, uploaded_images
+
+    gallery_dir, config_file, retriever = setup
+    photo = decode_image(gallery_dir / 'img' / 'd0.png')
+    before = retriever.query_image(photo, top_k=4, platform='satellite')
+    last = _ids(before)[-1]
+    target = np.asarray(decode_image(gallery_dir / 'img' / f'{last}.png'), float).mean((0, 1))
+
+    def answer(body):
+        photo, candidate = uploaded_images(body)
+        same = np.allclose(np.asarray(candidate.convert('RGB'), float).mean((0, 1)), target,
+                           atol=4.0)
+        return [('Yes', -0.05), ('No', -3.0)] if same else [('No', -0.05), ('Yes', -3.0)]
+
+    chat_server.logprobs = lambda body: (answer(body) if len(uploaded_images(body)) == 2
+                                         else [('Yes', -0.1), ('No', -2.0)])  # the probe
+    overrides = {'reranker': {'backend': 'openai', 'model': 'tiny-vlm', 'k': 4, 'weight': 1.0,
+                              'base_url': chat_server.url, 'max_retries': 0}}
+    config = load_config(str(config_file), overrides)
+    reranker = make_reranker(config.reranker)
+    with_stage = Retriever(retriever.gallery, config, image_encoder=retriever._image_encoder,
+                           image_index=retriever._image_index, reranker=reranker)
+    try:
+        result = with_stage.query_image(photo, top_k=4, platform='satellite')
+    finally:
+        with_stage.close()
+    assert _ids(result)[0] == last
+    assert sorted(_ids(result)) == sorted(_ids(before))
+    assert result.rerank['scored'] == 4 and result.rerank['failed'] == 0
+    assert result.candidates[0].rerank_score > 0.9
+    pairs = [r['body'] for r in chat_server.requests if len(uploaded_images(r['body'])) == 2]
+    assert len(pairs) == 4
+    assert 'drone photo' in prompt_text(pairs[0]) and 'same place' in prompt_text(pairs[0])
+    assert result.timings_ms['rerank'] > 0
 
 
 # ---------------------------------------------------------------- the command line

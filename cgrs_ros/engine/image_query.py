@@ -17,10 +17,12 @@ How it runs (:meth:`cgrs_ros.engine.retriever.Retriever.query_image` is the entr
   k results when k images pass the filters;
 - the caption channel does not run (a caption describes an image for a text query; there is
   no text here), so ``caption_score`` is None and ``fused`` equals ``coarse``;
-- the reranker stage is skipped and says why in ``QueryResult.rerank['skipped']``: every
-  backend here scores a (text, image) pair; the generative ones could be asked a same-place
-  question about two images, but nothing on this machine can check that a prompt of that kind
-  ranks better than the image tower alone, so it is left for when such a model is at hand.
+- the reranker stage runs for rerankers that compare two images (``compares_images``: the
+  ``openai`` backend asks its VLM the same-place question ``reranker.image_prompt`` about the
+  photo and each candidate); for the others it is skipped and says why in
+  ``QueryResult.rerank['skipped']`` (they score a text against an image). Nothing on this
+  machine can measure whether a VLM's same-place answers rank better than the image tower
+  alone; ``reranker.weight`` (0 = no change) keeps that decision with the user.
 """
 
 import time
@@ -85,7 +87,7 @@ def no_match_reason(platform, area):
 
 
 def skipped_rerank(config, reranker):
-    """Return the ``QueryResult.rerank`` entry of an image query with a reranker configured."""
+    """Return the ``QueryResult.rerank`` entry of an image query the reranker cannot score."""
     backend = getattr(config.reranker, 'backend', 'configured')
     return {'skipped': f'the {backend} reranker compares text with images only',
             'reranker': reranker.identity}
@@ -148,23 +150,61 @@ def run_image_query(retriever, image, top_k=None, platform=None, on_stage=None, 
     rows = None
     if area is not None:
         rows = index.rows_of_items(items_within(retriever.gallery, area))
-    items, scores = index.search([(vector, lo, hi)], top_k, rows=rows)
+    reranker = retriever.reranker
+    pairs = reranker is not None and getattr(reranker, 'compares_images', False)
+    k_search = max(top_k, config.reranker.k) if pairs else top_k
+    items, scores = index.search([(vector, lo, hi)], k_search, rows=rows)
+    scores = scores.astype(np.float64)
     t_coarse = time.perf_counter()
+    rerank, final, rerank_info = np.full(len(items), np.nan), np.full(len(items), np.nan), {}
+    if pairs and len(items):
+        outcome = _rerank_pairs(retriever, rgb, query_platform, query, items, scores, stage)
+        rerank, final = outcome.rerank, outcome.final
+        items, scores = items[outcome.order], scores[outcome.order]
+        rerank, final = rerank[outcome.order], final[outcome.order]
+        rerank_info = {'scored': outcome.scored, 'of': outcome.considered,
+                       'failed': int(np.isnan(outcome.rerank[:outcome.scored]).sum()),
+                       'budget_hit': outcome.budget_hit, 'reranker': reranker.identity}
+    elif reranker is not None:
+        rerank_info = skipped_rerank(config, reranker)
+    items, scores = items[:top_k], scores[:top_k]
+    t_rerank = time.perf_counter()
 
     texts = retriever._captions.texts
     candidates = []
-    for rank, (item_index, score) in enumerate(zip(items, scores.astype(np.float64)), start=1):
+    for rank, (item_index, score) in enumerate(zip(items, scores), start=1):
         item = retriever.gallery.items[item_index]
         candidates.append(Candidate(
             rank=rank, image_id=item.image_id, platform=item.platform, lat=item.lat,
             lon=item.lon, alt=item.alt, heading_deg=item.heading_deg,
             caption=texts[item_index], group_id=item.group_id, coarse_score=float(score),
-            caption_score=None, fused_score=float(score)))
-    rerank = {} if retriever.reranker is None else skipped_rerank(config, retriever.reranker)
+            caption_score=None, fused_score=float(score),
+            rerank_score=_finite(rerank[rank - 1]), final_score=_finite(final[rank - 1])))
     end = time.perf_counter()
     timings = {'encode': (t_encode - start) * 1e3, 'coarse': (t_coarse - t_encode) * 1e3,
-               'captions': 0.0, 'rerank': 0.0, 'total': (end - start) * 1e3}
+               'captions': 0.0, 'rerank': (t_rerank - t_coarse) * 1e3,
+               'total': (end - start) * 1e3}
     return QueryResult(query=query, normalized_query=query, candidates=candidates,
                        timings_ms=timings,
                        no_match='' if candidates else no_match_reason(platform, area),
-                       rerank=rerank)
+                       rerank=rerank_info)
+
+
+def _finite(value):
+    return float(value) if np.isfinite(value) else None
+
+
+def _rerank_pairs(retriever, photo, query_platform, query, items, scores, stage):
+    """Run the reranker stage on (photo, candidate) pairs (rerankers/stage.py)."""
+    from cgrs_ros.engine.rerankers.stage import run_stage
+
+    rows = [retriever.gallery.items[i] for i in items]
+
+    def progress(done, total):
+        stage(f'rerank {done}/{total}', 0.7 + 0.2 * done / max(total, 1))
+
+    return run_stage(retriever.reranker, retriever.config.reranker, query, scores,
+                     [retriever.gallery.path_of(row) for row in rows],
+                     [row.platform for row in rows], [None] * len(rows),
+                     on_progress=progress, coarse=scores, query_image=photo,
+                     query_platform=query_platform)

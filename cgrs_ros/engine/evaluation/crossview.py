@@ -314,8 +314,13 @@ def _engine_check(retriever, image, scores, items, query_platform, gallery_platf
     k = min(CURVE_MAX_K, len(items))
     mine = [retriever.gallery.items[i].image_id for i in items[np.argsort(-scores,
                                                                           kind='stable')[:k]]]
-    result = retriever.query_image(image, top_k=k, platform=gallery_platform,
-                                   query_platform=query_platform)
+    # The ranking here is the image tower's: compare with the engine's without a reranker.
+    reranker, retriever.reranker = retriever.reranker, None
+    try:
+        result = retriever.query_image(image, top_k=k, platform=gallery_platform,
+                                       query_platform=query_platform)
+    finally:
+        retriever.reranker = reranker
     engine = [c.image_id for c in result.candidates]
     mine_scores = np.sort(scores)[::-1][:k]
     engine_scores = np.array([c.coarse_score for c in result.candidates])

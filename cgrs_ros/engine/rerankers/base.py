@@ -20,6 +20,11 @@ BACKENDS = ('none', 'openai', 'transformers', 'itm', 'trained')
 DEFAULT_PROMPT = (
     'This is a {platform} image. Does it show the place described as follows: "{query}"? '
     'Answer Yes or No.')
+# The question for image goals (the photo first, the candidate second), for backends that
+# compare two images ({query_platform}: the photo's platform, {platform}: the candidate's).
+DEFAULT_IMAGE_PROMPT = (
+    'The first image is a {query_platform} photo, the second a {platform} image. Do they show '
+    'the same place? Answer Yes or No.')
 
 
 class RerankerSettings(pydantic.BaseModel):
@@ -44,6 +49,9 @@ class RerankerSettings(pydantic.BaseModel):
     batch_size: int = pydantic.Field(4, ge=1, le=256, description='Candidates per model call.')
     prompt: str = pydantic.Field(DEFAULT_PROMPT, description='Yes/no question ({platform}, '
                                                              '{query}) for generative backends.')
+    image_prompt: str = pydantic.Field(
+        DEFAULT_IMAGE_PROMPT, description='Yes/no question for image goals ({query_platform}, '
+                                          '{platform}), for backends that compare two images.')
     trust_remote_code: bool = False
     # openai backend (same meaning as in the captioner section)
     base_url: str = 'http://127.0.0.1:8000/v1'
@@ -61,11 +69,11 @@ class RerankerSettings(pydantic.BaseModel):
         -20.0, le=0.0, description='Log-probability assumed for Yes or No when the server does '
                                    'not list it among the top_logprobs.')
 
-    @pydantic.field_validator('prompt')
+    @pydantic.field_validator('prompt', 'image_prompt')
     @classmethod
     def _placeholders(cls, value):
         try:
-            value.format(platform='satellite', query='q')
+            value.format(platform='satellite', query='q', query_platform='drone')
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f'the prompt may use only {{platform}} and {{query}} ({exc})') \
                 from None
@@ -106,6 +114,8 @@ class Reranker(abc.ABC):
     batch_size = 1
     needs_images = True    # False: the stage does not decode candidate images for it
     uses_priors = False    # True: score() also gets priors={'fused', 'coarse', 'caption'}
+    # True: score() takes query_image= (an image goal: compare the photo with each candidate)
+    compares_images = False
 
     @property
     @abc.abstractmethod

@@ -103,15 +103,21 @@ class OpenAIReranker(Reranker):
         digest = hashlib.sha256(s.prompt.encode('utf-8')).hexdigest()[:12]
         return f'openai-rerank:{s.model}:max_side={s.max_image_side}:prompt={digest}'
 
-    def score(self, query, images, platforms, captions=None):
+    compares_images = True
+
+    def score(self, query, images, platforms, captions=None, query_image=None,
+              query_platform='drone'):
         """Return P(yes) per candidate, requests concurrent (at most ``concurrency`` at once).
 
-        A candidate whose image is None or whose request fails gets NaN; ``last_errors`` then
-        holds one reason per NaN, in candidate order (empty when every candidate was scored).
+        With ``query_image`` (an image goal) the photo and each candidate go in one request
+        with ``image_prompt``. A candidate whose image is None or whose request fails gets
+        NaN; ``last_errors`` then holds one reason per NaN, in candidate order (empty when
+        every candidate was scored).
         """
         self._check_inputs(images, platforms, captions)
+        pair = None if query_image is None else (query_image, query_platform)
         futures = [None if image is None else
-                   self._client.submit(self._score_one, query, image, platform)
+                   self._client.submit(self._score_one, query, image, platform, pair)
                    for image, platform in zip(images, platforms)]
         scores = np.full(len(images), np.nan)
         errors = []
@@ -136,23 +142,29 @@ class OpenAIReranker(Reranker):
         """Stop the request pool and close the HTTP connections."""
         self._client.close()
 
-    def _body(self, query, image, platform):
+    def _body(self, query, image, platform, pair=None):
         s = self._settings
+        parts = [{'type': 'image_url',
+                  'image_url': {'url': encode_image(image, s.max_image_side)}},
+                 {'type': 'text', 'text': s.prompt.format(platform=platform, query=query)}]
+        if pair is not None:  # an image goal: the photo, the candidate, the same-place question
+            photo, photo_platform = pair
+            parts = [{'type': 'image_url',
+                      'image_url': {'url': encode_image(photo, s.max_image_side)}},
+                     parts[0],
+                     {'type': 'text', 'text': s.image_prompt.format(
+                         platform=platform, query_platform=photo_platform, query=query)}]
         return {
             'model': s.model,
-            'messages': [{'role': 'user', 'content': [
-                {'type': 'image_url',
-                 'image_url': {'url': encode_image(image, s.max_image_side)}},
-                {'type': 'text', 'text': s.prompt.format(platform=platform, query=query)},
-            ]}],
+            'messages': [{'role': 'user', 'content': parts}],
             'max_tokens': 1, 'temperature': 0, 'logprobs': True,
             'top_logprobs': s.top_logprobs,
         }
 
-    def _score_one(self, query, image, platform):
+    def _score_one(self, query, image, platform, pair=None):
         """Return (P(yes), None) or (None, reason)."""
         try:
-            body = self._body(query, image, platform)
+            body = self._body(query, image, platform, pair)
         except Exception as exc:  # noqa: B902 - PIL raises many types for a bad image
             return None, f'cannot encode image: {exc}'
         reply = self._client.post(body)

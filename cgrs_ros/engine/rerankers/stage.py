@@ -59,15 +59,18 @@ def load_candidate_image(path):
 
 
 def run_stage(reranker, settings, query, fused, paths, platforms, captions,
-              on_progress=None, clock=time.monotonic, coarse=None, caption=None):
+              on_progress=None, clock=time.monotonic, coarse=None, caption=None,
+              query_image=None, query_platform='drone'):
     """Rerank candidates already sorted best first; return a :class:`StageOutcome`.
 
     ``fused`` are their scores before this stage (descending), ``paths`` their image files,
     ``platforms`` and ``captions`` their platform names and captions (None without);
     ``coarse`` and ``caption`` the channel scores (None when a channel did not run), passed
     to rerankers that read them (``uses_priors``). Images are decoded only for rerankers
-    that look at pixels (``needs_images``, the default). ``on_progress(done, total)`` is
-    called before each model call and once at the end; it may raise to abandon the query.
+    that look at pixels (``needs_images``, the default). ``query_image`` (an image goal, for
+    rerankers that compare two images) goes to every call with its ``query_platform``.
+    ``on_progress(done, total)`` is called before each model call and once at the end; it
+    may raise to abandon the query.
     """
     n = len(fused)
     k = min(settings.k, n)
@@ -87,6 +90,8 @@ def run_stage(reranker, settings, query, fused, paths, platforms, captions,
         sl = slice(batch.start, batch.stop)
         images = [load_candidate_image(paths[i]) if needs_images else None for i in batch]
         extra = {}
+        if query_image is not None:
+            extra.update(query_image=query_image, query_platform=query_platform)
         if uses_priors:
             extra['priors'] = {'fused': fused[sl],
                                'coarse': None if coarse is None else coarse[sl],
