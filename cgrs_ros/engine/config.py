@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 from cgrs_ros.engine.errors import ConfigError
 from cgrs_ros.engine.rerankers.base import RerankerSettings
+from cgrs_ros.engine.sections import UNKNOWN_KEY
 from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_validator,
                       ValidationError)
 import yaml
@@ -201,7 +202,7 @@ def _first_error(exc, source):
     where = '.'.join(str(part) for part in err['loc']) or '(top level)'
     message = err['msg']
     if err['type'] == 'extra_forbidden':
-        message = 'unknown key; check its spelling against config/engine.yaml'
+        message = UNKNOWN_KEY
     return ConfigError(f'{source}: {where}: {message}')
 
 

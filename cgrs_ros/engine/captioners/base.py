@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 from cgrs_ros.engine.captioners.prompts import validate_prompt_overrides
 from cgrs_ros.engine.errors import ConfigError
+from cgrs_ros.engine.sections import SectionSettings
 import pydantic
 
 BACKENDS = ('transformers', 'openai', 'learned', 'manifest')
@@ -28,10 +29,11 @@ class CaptionOutcome:
         return self.caption is not None
 
 
-class CaptionerSettings(pydantic.BaseModel):
+class CaptionerSettings(SectionSettings):
     """The ``captioner`` section of the engine configuration (fields of all backends)."""
 
     model_config = pydantic.ConfigDict(extra='forbid')
+    SECTION = 'captioner'
 
     backend: Literal['transformers', 'openai', 'learned', 'manifest', 'none'] = 'manifest'
     model: Optional[str] = pydantic.Field(
@@ -74,28 +76,6 @@ class CaptionerSettings(pydantic.BaseModel):
             return validate_prompt_overrides(value)
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix('captioner.prompts has ')) from None
-
-    @classmethod
-    def from_section(cls, section):
-        """Build settings from a plain dict or any pydantic model; ConfigError when invalid."""
-        if isinstance(section, cls):
-            return section
-        if section is None:
-            section = {}
-        elif isinstance(section, pydantic.BaseModel):
-            section = section.model_dump()
-        elif not isinstance(section, dict):
-            raise ConfigError(
-                f'the captioner section must be a mapping, not {type(section).__name__}.')
-        try:
-            return cls.model_validate(section)
-        except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = '.'.join(str(p) for p in first['loc']) or 'captioner'
-            message = first['msg'].removeprefix('Value error, ')
-            raise ConfigError(
-                f'captioner.{where}: {message} (got {first.get("input")!r}); fix it in the '
-                'captioner section of the config.') from None
 
 
 class Captioner(abc.ABC):

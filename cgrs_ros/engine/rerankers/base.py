@@ -7,12 +7,14 @@ well they match, as a probability in [0, 1]. The stage (``rerankers/stage.py``) 
 """
 
 import abc
+import logging
 from typing import Literal, Optional
 
-from cgrs_ros.engine.errors import ConfigError
+from cgrs_ros.engine.sections import SectionSettings
 import numpy as np
 import pydantic
 
+logger = logging.getLogger(__name__)
 BACKENDS = ('none', 'openai', 'transformers', 'itm', 'trained')
 
 # The yes/no question the generative backends (openai, transformers) answer per candidate.
@@ -27,10 +29,11 @@ DEFAULT_IMAGE_PROMPT = (
     'the same place? Answer Yes or No.')
 
 
-class RerankerSettings(pydantic.BaseModel):
+class RerankerSettings(SectionSettings):
     """The ``reranker`` section of the engine configuration (fields of all backends)."""
 
     model_config = pydantic.ConfigDict(extra='forbid')
+    SECTION = 'reranker'
 
     backend: Literal['none', 'openai', 'transformers', 'itm', 'trained'] = 'none'
     k: int = pydantic.Field(10, ge=1, le=1000,
@@ -79,29 +82,6 @@ class RerankerSettings(pydantic.BaseModel):
                 from None
         return value
 
-    @classmethod
-    def from_section(cls, section):
-        """Build settings from a dict or pydantic model; ConfigError naming the key if bad."""
-        if isinstance(section, cls):
-            return section
-        if section is None:
-            section = {}
-        elif isinstance(section, pydantic.BaseModel):
-            section = section.model_dump()
-        elif not isinstance(section, dict):
-            raise ConfigError(
-                f'the reranker section must be a mapping, not {type(section).__name__}.')
-        try:
-            return cls.model_validate(section)
-        except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = '.'.join(str(p) for p in first['loc']) or 'reranker'
-            message = first['msg'].removeprefix('Value error, ')
-            if first['type'] == 'extra_forbidden':
-                message = 'unknown key; check its spelling against config/engine.yaml'
-            raise ConfigError(f'reranker.{where}: {message} (got {first.get("input")!r}); fix '
-                              'it in the reranker section of the config.') from None
-
 
 class Reranker(abc.ABC):
     """A model that scores (query, candidate image) pairs jointly.
@@ -146,6 +126,57 @@ class Reranker(abc.ABC):
                                              and len(captions) != len(images)):
             raise ValueError(f'score() got {len(images)} images, {len(platforms)} platforms '
                              f'and {len(captions) if captions is not None else 0} captions')
+
+
+class LocalModelReranker(Reranker):
+    """A reranker running a local model on (image, text) pairs in batches (itm, transformers).
+
+    Subclasses load ``_model``/``_processor``/``_torch``/``device`` and implement
+    ``_score_batch(pairs) -> [P(match)]``; ``_prepare`` turns one candidate into its pair. A
+    candidate that cannot be prepared, or whose pair makes the model fail, gets NaN alone: a
+    failed batch is retried one candidate at a time.
+    """
+
+    def _prepare(self, image, platform, query):
+        """Return the (RGB image, text) pair the model scores for one candidate."""
+        return image.convert('RGB'), query
+
+    def score(self, query, images, platforms, captions=None):
+        """Return P(match) per candidate (NaN where its image is missing or unusable)."""
+        self._check_inputs(images, platforms, captions)
+        scores = np.full(len(images), np.nan, dtype=np.float64)
+        ready = []
+        for i, (image, platform) in enumerate(zip(images, platforms)):
+            if image is None:
+                continue
+            try:
+                ready.append((i, self._prepare(image, platform, query)))
+            except Exception as exc:  # noqa: B902 - any decoding failure is this image's
+                logger.warning('reranker: cannot read candidate %d: %s', i, exc)
+        for start in range(0, len(ready), self.batch_size):
+            group = ready[start:start + self.batch_size]
+            for (i, _), value in zip(group, self._score_robust([pair for _, pair in group])):
+                scores[i] = value
+        return scores
+
+    def _score_robust(self, pairs):
+        try:
+            return self._score_batch(pairs)
+        except Exception as exc:  # noqa: B902 - isolate the failing candidate below
+            if len(pairs) == 1:
+                logger.warning('reranker: candidate could not be scored: %s: %s',
+                               type(exc).__name__, exc)
+                return [float('nan')]
+            logger.warning('reranker: batch of %d failed (%s); scoring one at a time',
+                           len(pairs), exc)
+            return [self._score_robust([pair])[0] for pair in pairs]
+
+    def close(self):
+        """Drop the model so its memory can be reclaimed."""
+        self._model = None
+        self._processor = None
+        if self.device.startswith('cuda'):
+            self._torch.cuda.empty_cache()
 
 
 def yes_probability(yes_logprob, no_logprob):

@@ -15,7 +15,7 @@ import logging
 
 from cgrs_ros.engine import hf_loading
 from cgrs_ros.engine.errors import ModelLoadError
-from cgrs_ros.engine.rerankers.base import Reranker
+from cgrs_ros.engine.rerankers.base import LocalModelReranker
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def head_class_name(config, model):
     return wanted
 
 
-class ITMReranker(Reranker):
+class ITMReranker(LocalModelReranker):
     """P(match) per candidate from a BLIP / BLIP-2 image-text matching head."""
 
     def __init__(self, settings):
@@ -83,43 +83,6 @@ class ITMReranker(Reranker):
         """Return 'itm:<model>:<model_type>'."""
         return f'itm:{self._settings.model}:{self._model_type}'
 
-    def score(self, query, images, platforms, captions=None):
-        """Return the match probability per candidate (NaN where its image is unusable)."""
-        self._check_inputs(images, platforms, captions)
-        scores = np.full(len(images), np.nan, dtype=np.float64)
-        ready = []
-        for i, image in enumerate(images):
-            if image is None:
-                continue
-            try:
-                ready.append((i, image.convert('RGB')))
-            except Exception as exc:  # noqa: B902 - any decoding failure is this image's
-                logger.warning('reranker: cannot read candidate %d: %s', i, exc)
-        for start in range(0, len(ready), self.batch_size):
-            group = ready[start:start + self.batch_size]
-            for (i, _), value in zip(group, self._score_robust(query, group)):
-                scores[i] = value
-        return scores
-
-    def close(self):
-        """Drop the model so its memory can be reclaimed."""
-        self._model = None
-        self._processor = None
-        if self.device.startswith('cuda'):
-            self._torch.cuda.empty_cache()
-
-    def _score_robust(self, query, group):
-        try:
-            return self._score_batch(query, [image for _, image in group])
-        except Exception as exc:  # noqa: B902 - isolate the failing candidate below
-            if len(group) == 1:
-                logger.warning('reranker: candidate could not be scored: %s: %s',
-                               type(exc).__name__, exc)
-                return [float('nan')]
-            logger.warning('reranker: batch of %d failed (%s); scoring one at a time',
-                           len(group), exc)
-            return [self._score_robust(query, [item])[0] for item in group]
-
     def match_logits(self, query, images):
         """Return the (rows, 2) float32 no-match / match logits of the head."""
         torch = self._torch
@@ -131,6 +94,8 @@ class ITMReranker(Reranker):
         logits = output.itm_score if self._model_type == 'blip' else output.logits_per_image
         return logits.float()
 
-    def _score_batch(self, query, images):
-        probs = self._torch.softmax(self.match_logits(query, images), dim=-1)[:, 1]
+    def _score_batch(self, pairs):
+        # Every pair of one score() call holds the same text: the query.
+        images = [image for image, _ in pairs]
+        probs = self._torch.softmax(self.match_logits(pairs[0][1], images), dim=-1)[:, 1]
         return probs.cpu().numpy().astype(np.float64).tolist()

@@ -19,8 +19,7 @@ import logging
 
 from cgrs_ros.engine import hf_loading
 from cgrs_ros.engine.errors import ModelLoadError
-from cgrs_ros.engine.rerankers.base import Reranker, yes_probability
-import numpy as np
+from cgrs_ros.engine.rerankers.base import LocalModelReranker, yes_probability
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def answer_token_ids(tokenizer, spellings):
     return ids
 
 
-class TransformersReranker(Reranker):
+class TransformersReranker(LocalModelReranker):
     """P(match) per candidate from a local chat VLM's next-token Yes/No logits."""
 
     def __init__(self, settings):
@@ -94,51 +93,16 @@ class TransformersReranker(Reranker):
         digest = hashlib.sha256(self._settings.prompt.encode('utf-8')).hexdigest()[:12]
         return f'transformers:{self._settings.model}:yesno:prompt={digest}'
 
-    def score(self, query, images, platforms, captions=None):
-        """Return P(yes) per candidate (NaN where its image is missing or cannot be processed)."""
-        self._check_inputs(images, platforms, captions)
-        scores = np.full(len(images), np.nan, dtype=np.float64)
-        ready = []
-        for i, (image, platform) in enumerate(zip(images, platforms)):
-            if image is None:
-                continue
-            try:
-                rgb = image.convert('RGB')
-                side = self._settings.max_image_side
-                if side and max(rgb.size) > side:
-                    # Processors that tile large images (SmolVLM/Idefics3 split into up to
-                    # 16 tiles) cost per pixel: bound the cost per candidate here.
-                    rgb = rgb.copy()
-                    rgb.thumbnail((side, side))
-            except Exception as exc:  # noqa: B902 - any decoding failure is this image's
-                logger.warning('reranker: cannot read candidate %d: %s', i, exc)
-                continue
-            text = self._settings.prompt.format(platform=platform or 'unknown', query=query)
-            ready.append((i, rgb, text))
-        for start in range(0, len(ready), self.batch_size):
-            group = ready[start:start + self.batch_size]
-            for (i, _, _), value in zip(group, self._score_robust(group)):
-                scores[i] = value
-        return scores
-
-    def close(self):
-        """Drop the model so its memory can be reclaimed."""
-        self._model = None
-        self._processor = None
-        if self.device.startswith('cuda'):
-            self._torch.cuda.empty_cache()
-
-    def _score_robust(self, group):
-        try:
-            return self._score_batch(group)
-        except Exception as exc:  # noqa: B902 - isolate the failing candidate below
-            if len(group) == 1:
-                logger.warning('reranker: candidate could not be scored: %s: %s',
-                               type(exc).__name__, exc)
-                return [float('nan')]
-            logger.warning('reranker: batch of %d failed (%s); scoring one at a time',
-                           len(group), exc)
-            return [self._score_robust([item])[0] for item in group]
+    def _prepare(self, image, platform, query):
+        """Return the (RGB image, yes/no question) pair of one candidate."""
+        rgb = image.convert('RGB')
+        side = self._settings.max_image_side
+        if side and max(rgb.size) > side:
+            # Processors that tile large images (SmolVLM/Idefics3 split into up to 16 tiles)
+            # cost per pixel: bound the cost per candidate here.
+            rgb = rgb.copy()
+            rgb.thumbnail((side, side))
+        return rgb, self._settings.prompt.format(platform=platform or 'unknown', query=query)
 
     def next_token_logits(self, images, texts):
         """Return the float32 next-token logits (rows, vocab) after each chat prompt."""
@@ -151,10 +115,11 @@ class TransformersReranker(Reranker):
             logits = self._model(**inputs, **self._forward_kwargs).logits
         return logits[:, -1, :].float()
 
-    def _score_batch(self, group):
+    def _score_batch(self, pairs):
         # Logits and log-probabilities differ by one constant per row (the log-partition), which
         # cancels in the two-way softmax, so the logits can go to yes_probability as they are.
-        logits = self.next_token_logits([g[1] for g in group], [g[2] for g in group])
+        logits = self.next_token_logits([image for image, _ in pairs],
+                                        [text for _, text in pairs])
         yes = logits[:, self._yes_ids].max(dim=1).values.cpu().numpy()
         no = logits[:, self._no_ids].max(dim=1).values.cpu().numpy()
         return [yes_probability(y, n) for y, n in zip(yes, no)]
