@@ -6,6 +6,10 @@ parameter clients the way ``ros2 service call`` / ``ros2 param set`` do.
 """
 
 import collections
+import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -96,3 +100,39 @@ class RosProbe:
         self.executor.shutdown()
         self.node.destroy_node()
         rclpy.shutdown(context=self.context)
+
+
+def engine_ready(heard):
+    """Whether retrieval_node's diagnostics (probe topic 'diag') say its engine is ready."""
+    return any(kv.key == 'engine' and kv.value == 'ready'
+               for d in heard['diag'] for s in d.status for kv in s.values)
+
+
+@contextlib.contextmanager
+def launched_stack(params_file, log, make_probe, ready_timeout=180.0):
+    """Start the stack with `cgrs launch` (captioning off) and yield (probe, process).
+
+    ``make_probe()`` builds the test's probe (it must listen to /diagnostics as 'diag'); the
+    block runs once retrieval_node's engine is ready. Afterwards the probe is closed and the
+    stack stopped with Ctrl-C, as a user stops it (killed, and the test failed, if it hangs).
+    """
+    with open(log, 'w') as out:
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={params_file}',
+             'captioning:=false'], env=dict(os.environ, PYTHONUNBUFFERED='1'),
+            stdout=out, stderr=subprocess.STDOUT)
+    probe = None
+    try:
+        probe = make_probe()
+        probe.wait_for(engine_ready, timeout=ready_timeout,
+                       what=f'retrieval_node ready (log: {log})', proc=proc)
+        yield probe, proc
+    finally:
+        if probe is not None:
+            probe.close()
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise

@@ -5,9 +5,6 @@ chat-completions server (model_factories.ChatServer, 127.0.0.1) that answers wit
 and takes 0.3 s per candidate, so the stage is slow enough to watch, cancel and time out.
 """
 
-import os
-import subprocess
-import sys
 import time
 
 from action_msgs.msg import GoalStatus
@@ -16,6 +13,7 @@ from model_factories import ChatServer, dominant_colour, uploaded_image
 import numpy as np
 from PIL import Image
 import pytest
+from ros_probe import launched_stack
 from test_retrieval_node import _place_latlon, DATUM, PLACES, Probe
 
 pytestmark = pytest.mark.ros
@@ -63,28 +61,8 @@ def stack(tmp_path_factory, module_ros_domain, server):
         f'    datum: {{latitude: {DATUM[0]}, longitude: {DATUM[1]}, altitude: {DATUM[2]}}}\n'
         '    top_k: 6\n    caption_poll_period: 0.0\n')
     log = tmp_path_factory.mktemp('log') / 'launch.log'
-    with open(log, 'w') as out:
-        proc = subprocess.Popen(
-            [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={params}',
-             'captioning:=false'], env=dict(os.environ, PYTHONUNBUFFERED='1'),
-            stdout=out, stderr=subprocess.STDOUT)
-    probe = None
-    try:
-        probe = Probe()
-        probe.wait_for(
-            lambda h: any(kv.key == 'engine' and kv.value == 'ready'
-                          for d in h['diag'] for s in d.status for kv in s.values),
-            timeout=180.0, what=f'retrieval_node ready (log: {log})', proc=proc)
+    with launched_stack(params, log, Probe) as (probe, proc):
         yield {'probe': probe, 'proc': proc, 'log': log}
-    finally:
-        if probe is not None:
-            probe.close()
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
 
 
 def _wait(predicate, timeout=10.0):

@@ -10,10 +10,7 @@ STATUS_INVALID_GOAL and a reason, and the node answers the next goal.
 
 import csv
 import math
-import os
 from pathlib import Path
-import subprocess
-import sys
 
 from cgrs_ros.action import Retrieve
 from cgrs_ros.engine.demo import generate_demo_world
@@ -25,7 +22,7 @@ from PIL import Image
 import pyproj
 import pytest
 from rclpy.action import ActionClient
-from ros_probe import RosProbe
+from ros_probe import launched_stack, RosProbe
 from sensor_msgs.msg import CompressedImage
 from sensor_msgs.msg import Image as ImageMsg
 from std_msgs.msg import String
@@ -83,31 +80,11 @@ class Probe(RosProbe):
 @pytest.fixture(scope='module')
 def stack(gallery, tmp_path_factory, module_ros_domain):
     log = tmp_path_factory.mktemp('log') / 'launch.log'
-    with open(log, 'w') as out:
-        proc = subprocess.Popen(
-            [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={gallery["params"]}',
-             'captioning:=false'], env=dict(os.environ, PYTHONUNBUFFERED='1'),
-            stdout=out, stderr=subprocess.STDOUT)
-    probe = None
-    try:
-        probe = Probe()
-        probe.wait_for(
-            lambda h: any(kv.key == 'engine' and kv.value == 'ready'
-                          for d in h['diag'] for s in d.status for kv in s.values),
-            timeout=240.0, what=f'retrieval_node ready (log: {log})', proc=proc)
+    with launched_stack(gallery['params'], log, Probe, ready_timeout=240.0) as (probe, proc):
         probe.wait_for(lambda h: probe.raw_pub.get_subscription_count() > 0
                        and probe.jpeg_pub.get_subscription_count() > 0, 30.0,
                        'goal_image subscriptions', proc)
         yield {'probe': probe, 'proc': proc, 'log': log}
-    finally:
-        if probe is not None:
-            probe.close()
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
 
 
 def _photo(gallery, image_id):

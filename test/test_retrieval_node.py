@@ -22,7 +22,7 @@ import pyproj
 import pytest
 from rclpy.action import ActionClient
 from rclpy.qos import DurabilityPolicy, QoSProfile
-from ros_probe import RosProbe
+from ros_probe import launched_stack, RosProbe
 from sensor_msgs.msg import NavSatFix
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
@@ -133,28 +133,8 @@ class Probe(RosProbe):
 @pytest.fixture(scope='module')
 def stack(gallery, tmp_path_factory, module_ros_domain):
     log = tmp_path_factory.mktemp('log') / 'launch.log'
-    with open(log, 'w') as out:
-        proc = subprocess.Popen(
-            [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={gallery["params"]}',
-             'captioning:=false'], env=dict(os.environ, PYTHONUNBUFFERED='1'),
-            stdout=out, stderr=subprocess.STDOUT)
-    probe = None
-    try:
-        probe = Probe()
-        probe.wait_for(
-            lambda h: any(kv.key == 'engine' and kv.value == 'ready'
-                          for d in h['diag'] for s in d.status for kv in s.values),
-            timeout=180.0, what=f'retrieval_node ready (log: {log})', proc=proc)
+    with launched_stack(gallery['params'], log, Probe) as (probe, proc):
         yield {'probe': probe, 'proc': proc, 'log': log, 'gallery': gallery}
-    finally:
-        if probe is not None:
-            probe.close()
-        proc.send_signal(2)  # Ctrl-C, as a user stops it
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
 
 
 def _yaw(q):
