@@ -250,6 +250,34 @@ def test_the_openai_reranker_sees_photo_and_candidate_pairs(setup, chat_server):
     assert result.timings_ms['rerank'] > 0
 
 
+def test_the_transformers_reranker_scores_photo_and_candidate_pairs(setup, tiny_llava_dir):
+    """A local VLM (a tiny LLaVA built in the test) scores every (photo, candidate) pair of
+    the top k: its probabilities are reported and order the candidates with weight 1."""
+    from cgrs_ros.engine.rerankers import make_reranker
+
+    gallery_dir, config_file, retriever = setup
+    photo = decode_image(gallery_dir / 'img' / 'd0.png')
+    before = retriever.query_image(photo, top_k=4, platform='satellite')
+    overrides = {'reranker': {'backend': 'transformers', 'model': tiny_llava_dir, 'k': 4,
+                              'weight': 1.0, 'device': 'cpu', 'batch_size': 2}}
+    config = load_config(str(config_file), overrides)
+    with_stage = Retriever(retriever.gallery, config, image_encoder=retriever._image_encoder,
+                           image_index=retriever._image_index,
+                           reranker=make_reranker(config.reranker))
+    try:
+        result = with_stage.query_image(photo, top_k=4, platform='satellite')
+    finally:
+        with_stage.close()
+    assert 'skipped' not in result.rerank
+    assert result.rerank['scored'] == 4 and result.rerank['failed'] == 0
+    assert result.rerank['reranker'].startswith('transformers:')
+    assert sorted(_ids(result)) == sorted(_ids(before))
+    probabilities = [c.rerank_score for c in result.candidates]
+    assert all(0.0 <= p <= 1.0 for p in probabilities)
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert result.timings_ms['rerank'] > 0
+
+
 # ---------------------------------------------------------------- the command line
 
 def test_cli_image_query_json_has_the_text_query_shape(setup, capsys):

@@ -109,6 +109,48 @@ def test_transformers_score_is_the_yes_no_softmax_of_the_next_token_logits(tiny_
         assert reranker.score(QUERY, [image], ['drone'])[0] == pytest.approx(expected, abs=1e-6)
 
 
+def test_image_goals_show_the_photo_then_the_candidate_with_the_image_prompt(tiny_llava_dir):
+    """An image goal is one chat per candidate: the photo, the candidate, the same-place
+    question; P(match) is the Yes/No softmax of its next token, batched like single rows."""
+    ensure_torchvision()
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from cgrs_ros.engine.rerankers.base import DEFAULT_IMAGE_PROMPT
+    photo, *candidates = _images(3)
+    question = DEFAULT_IMAGE_PROMPT.format(query_platform='drone', platform='satellite',
+                                           query='q')
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir).eval()
+    expected = []
+    for candidate in candidates:
+        chat = [{'role': 'user', 'content': [
+            {'type': 'image', 'image': photo}, {'type': 'image', 'image': candidate},
+            {'type': 'text', 'text': question}]}]
+        inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors='pt')
+        image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        assert int((inputs['pixel_values'].shape[0])) == 2
+        assert int((inputs['input_ids'] == image_token).sum()) > 0
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].double()
+        yes, no = (logits[processor.tokenizer.convert_tokens_to_ids(t)].item()
+                   for t in ('yes', 'no'))
+        expected.append(1.0 / (1.0 + math.exp(no - yes)))
+    with _make('transformers', tiny_llava_dir, batch_size=2) as reranker:
+        assert reranker.compares_images
+        scores = reranker.score('q', candidates, ['satellite', 'satellite'], query_image=photo)
+        text_scores = reranker.score('q', candidates, ['satellite', 'satellite'])
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert np.abs(scores - text_scores).max() > 1e-4  # not the text question
+
+
+def test_itm_rerankers_refuse_a_photo(tiny_blip_itm_dir):
+    with _make('itm', tiny_blip_itm_dir) as reranker:
+        assert not reranker.compares_images
+        with pytest.raises(ValueError, match='cannot compare a photo'):
+            reranker.score(QUERY, _images(1), ['drone'], query_image=_images(1)[0])
+
+
 @pytest.mark.parametrize('family', ['blip', 'blip2'])
 def test_itm_score_is_the_match_probability_of_the_head(family, request):
     ensure_torchvision()

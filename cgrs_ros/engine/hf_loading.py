@@ -143,12 +143,16 @@ def to_model(inputs, model, device, drop_keys=()):
 
 
 def conversation(image, text, system=None):
-    """Return a one-turn chat (optional system turn; user turn = image, then text)."""
+    """Return a one-turn chat (optional system turn; user turn = the image(s), then text).
+
+    ``image`` is one image or a tuple of them (an image goal: the photo, then the candidate).
+    """
+    images = image if isinstance(image, tuple) else (image,)
     messages = []
     if system:
         messages.append({'role': 'system', 'content': [{'type': 'text', 'text': system}]})
-    messages.append({'role': 'user', 'content': [{'type': 'image', 'image': image},
-                                                 {'type': 'text', 'text': text}]})
+    messages.append({'role': 'user', 'content': [
+        *({'type': 'image', 'image': one} for one in images), {'type': 'text', 'text': text}]})
     return messages
 
 

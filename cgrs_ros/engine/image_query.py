@@ -18,9 +18,10 @@ How it runs (:meth:`cgrs_ros.engine.retriever.Retriever.query_image` is the entr
 - the caption channel does not run (a caption describes an image for a text query; there is
   no text here), so ``caption_score`` is None and ``fused`` equals ``coarse``;
 - the reranker stage runs for rerankers that compare two images (``compares_images``: the
-  ``openai`` backend asks its VLM the same-place question ``reranker.image_prompt`` about the
-  photo and each candidate); for the others it is skipped and says why in
-  ``QueryResult.rerank['skipped']`` (they score a text against an image). Nothing on this
+  ``openai`` and ``transformers`` backends ask their VLM the same-place question
+  ``reranker.image_prompt`` about the photo and each candidate); for the others it is
+  skipped and says why in ``QueryResult.rerank['skipped']`` (they score a text against an
+  image). Nothing on this
   machine can measure whether a VLM's same-place answers rank better than the image tower
   alone; ``reranker.weight`` (0 = no change) keeps that decision with the user.
 """

@@ -137,20 +137,39 @@ class LocalModelReranker(Reranker):
     failed batch is retried one candidate at a time.
     """
 
-    def _prepare(self, image, platform, query):
-        """Return the (RGB image, text) pair the model scores for one candidate."""
+    def _prepare(self, image, platform, query, photo=None):
+        """Return the (RGB image, text) pair the model scores for one candidate.
+
+        ``photo`` is (prepared photo, its platform) for an image goal; only backends with
+        ``compares_images`` get one.
+        """
         return image.convert('RGB'), query
 
-    def score(self, query, images, platforms, captions=None):
-        """Return P(match) per candidate (NaN where its image is missing or unusable)."""
+    def _prepare_photo(self, photo):
+        """Return the query photo as the model takes it (called once per ``score``)."""
+        return photo.convert('RGB')
+
+    def score(self, query, images, platforms, captions=None, query_image=None,
+              query_platform='drone'):
+        """Return P(match) per candidate (NaN where its image is missing or unusable).
+
+        ``query_image`` (an image goal) is compared with each candidate by backends that
+        compare two images (``compares_images``); the others refuse it.
+        """
         self._check_inputs(images, platforms, captions)
+        photo = None
+        if query_image is not None:
+            if not self.compares_images:
+                raise ValueError(f'{type(self).__name__} scores text against an image; it '
+                                 'cannot compare a photo with the candidates')
+            photo = (self._prepare_photo(query_image), query_platform)
         scores = np.full(len(images), np.nan, dtype=np.float64)
         ready = []
         for i, (image, platform) in enumerate(zip(images, platforms)):
             if image is None:
                 continue
             try:
-                ready.append((i, self._prepare(image, platform, query)))
+                ready.append((i, self._prepare(image, platform, query, photo)))
             except Exception as exc:  # noqa: B902 - any decoding failure is this image's
                 logger.warning('reranker: cannot read candidate %d: %s', i, exc)
         for start in range(0, len(ready), self.batch_size):

@@ -87,14 +87,16 @@ class TransformersReranker(LocalModelReranker):
             # Only the last position is read: skip the (rows x length x vocab) logits.
             self._forward_kwargs['logits_to_keep'] = 1
 
+    compares_images = True   # an image goal: the photo and the candidate in one chat
+
     @property
     def identity(self):
-        """Return 'transformers:<model>:yesno:prompt=<sha256 of the prompt, 12 hex>'."""
-        digest = hashlib.sha256(self._settings.prompt.encode('utf-8')).hexdigest()[:12]
+        """Return 'transformers:<model>:yesno:prompt=<sha256 of both prompts, 12 hex>'."""
+        prompts = f'{self._settings.prompt}\n{self._settings.image_prompt}'
+        digest = hashlib.sha256(prompts.encode('utf-8')).hexdigest()[:12]
         return f'transformers:{self._settings.model}:yesno:prompt={digest}'
 
-    def _prepare(self, image, platform, query):
-        """Return the (RGB image, yes/no question) pair of one candidate."""
+    def _shrunk(self, image):
         rgb = image.convert('RGB')
         side = self._settings.max_image_side
         if side and max(rgb.size) > side:
@@ -102,10 +104,28 @@ class TransformersReranker(LocalModelReranker):
             # cost per pixel: bound the cost per candidate here.
             rgb = rgb.copy()
             rgb.thumbnail((side, side))
-        return rgb, self._settings.prompt.format(platform=platform or 'unknown', query=query)
+        return rgb
+
+    _prepare_photo = _shrunk
+
+    def _prepare(self, image, platform, query, photo=None):
+        """Return the (image(s), yes/no question) of one candidate.
+
+        For an image goal the chat holds the photo, then the candidate, then ``image_prompt``.
+        """
+        rgb = self._shrunk(image)
+        platform = platform or 'unknown'
+        if photo is None:
+            return rgb, self._settings.prompt.format(platform=platform, query=query)
+        picture, photo_platform = photo
+        return (picture, rgb), self._settings.image_prompt.format(
+            platform=platform, query_platform=photo_platform or 'unknown', query=query)
 
     def next_token_logits(self, images, texts):
-        """Return the float32 next-token logits (rows, vocab) after each chat prompt."""
+        """Return the float32 next-token logits (rows, vocab) after each chat prompt.
+
+        Each entry of ``images`` is one image or a tuple of them (shown in that order).
+        """
         torch = self._torch
         conversations = [hf_loading.conversation(image, text)
                          for image, text in zip(images, texts)]
