@@ -5,7 +5,7 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.cgrs-setup-stamp
 SETUP_INPUTS := tools/setup_env.sh tools/repair_ros_wheels.py setup.py CMakeLists.txt package.xml \
-                $(wildcard requirements/*.txt msg/*.msg action/*.action)
+                $(wildcard requirements/*.txt msg/*.msg srv/*.srv action/*.action)
 
 # ROS isolation for everything started from make: a random domain per invocation, discovery
 # on this host only, logs out of $HOME, no model hub.
