@@ -23,6 +23,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['cgrs_ros', 'cgrs_ros.*']),
     install_requires=_requirements('requirements/engine.txt'),
+    extras_require={'voice': _requirements('requirements/voice.txt')},
     entry_points={
         'console_scripts': [
             'cgrs = cgrs_ros.cli:main',
