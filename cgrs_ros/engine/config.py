@@ -123,6 +123,23 @@ class RetrievalConfig(_Section):
         return str(value).lower() if isinstance(value, str) else value
 
 
+class ConfidenceConfig(_Section):
+    """The calibrated confidence of a ranking (confidence.py; fitted by ``cgrs calibrate``)."""
+
+    # P(best is right) = sigmoid(intercept + sum(weights[f] * f)), f in confidence.FEATURES;
+    # intercept null = not calibrated (confidence NaN).
+    intercept: Optional[float] = None
+    weights: dict[Literal['top', 'margin', 'caption', 'coarse'], float] = Field(
+        default_factory=dict)
+    # Candidates within this distance (m) of the best count as its place when rows have no
+    # group_id (views of one building are not a tie).
+    same_place_m: float = Field(30.0, ge=0.0, le=100000.0)
+    # Candidates the margin looks through for another place (a node asks the engine for
+    # at least this many, then keeps its top_k).
+    pool_k: int = Field(20, ge=2, le=1000)
+    fitted_on: str = ''   # what the fit saw (galleries, queries, config), for humans
+
+
 class EngineConfig(_Section):
     """The whole engine configuration."""
 
@@ -132,6 +149,8 @@ class EngineConfig(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     # The cross-modal third stage (rerankers/); backend none (the default) runs no stage.
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
+    # How sure a ranking is (confirm_below in retrieval_node).
+    confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
 
 
 # A config is a few hundred YAML nodes; aliases may not blow it up beyond this ("billion
