@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     'bench',
     'caption',
     'train',
+    'calibrate',
 )
 
 

@@ -64,8 +64,9 @@ def same_place(a, b, same_place_m):
 def place_margin(candidates, same_place_m):
     """Return the best score minus that of the best candidate of another place.
 
-    Candidates are engine candidates (rank order, ``lat``/``lon``/``group_id``). NaN when
-    the list holds no other place (the margin is unknown, not large).
+    Candidates are engine candidates (rank order, ``lat``/``lon``/``group_id``). When the list
+    holds no other place, every other place scores at most the last candidate, so the margin
+    to it is returned (a lower bound); with one candidate only, the margin to 0.
     """
     if not candidates:
         return math.nan
@@ -73,7 +74,8 @@ def place_margin(candidates, same_place_m):
     for other in candidates[1:]:
         if not same_place(best, other, same_place_m):
             return ranking_score(best) - ranking_score(other)
-    return math.nan
+    last = candidates[-1] if len(candidates) > 1 else None
+    return ranking_score(best) - (ranking_score(last) if last is not None else 0.0)
 
 
 def features_of(candidates, same_place_m):
@@ -112,12 +114,93 @@ def should_hold(policy, assessment, min_confidence, min_margin):
 
     ``confirm_below`` holds when the confidence is under ``min_confidence`` (an uncalibrated
     NaN confidence counts as under it when ``min_confidence`` > 0) or the margin is under
-    ``min_margin`` (an unknown margin, one place only, does not hold).
+    ``min_margin``.
     """
     if policy == 'auto':
         return False
     if policy == 'confirm':
         return True
     low = min_confidence > 0 and not assessment.confidence >= min_confidence
-    tied = assessment.margin < min_margin  # NaN compares False
+    tied = assessment.margin < min_margin
     return low or tied
+
+
+# ---------------------------------------------------------------- calibration (cgrs calibrate)
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """One validation query: the ranking's features and whether its best candidate was right."""
+
+    features: dict
+    correct: bool
+
+
+def observe(retriever, queries, pool_k):
+    """Run ``queries`` (evaluation EvalQuery: text, relevant group ids); return Observations.
+
+    A query whose ranking is empty is skipped (nothing to be confident about).
+    """
+    out = []
+    for query in queries:
+        candidates = retriever.query(query.text, top_k=pool_k).candidates
+        if candidates:
+            out.append(Observation(features_of(candidates, retriever.config.confidence
+                                               .same_place_m),
+                                   candidates[0].group_id in query.relevant))
+    return out
+
+
+def _matrix(observations):
+    import numpy as np
+
+    x = np.array([[o.features[name] for name in FEATURES] for o in observations], dtype=float)
+    return x, np.array([o.correct for o in observations], dtype=int)
+
+
+def fit(observations, regularization=1.0):
+    """Fit the logistic calibration; return ``(intercept, {feature: weight})``.
+
+    scikit-learn's LogisticRegression (L2, ``C = 1 / regularization``); a feature that is the
+    same for every query (e.g. ``coarse`` without an image encoder) gets weight 0.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _matrix(observations)
+    if len(set(y.tolist())) < 2:
+        raise ValueError('the validation queries are all right or all wrong at rank 1; a '
+                         'confidence cannot be fitted (use more or harder queries)')
+    model = LogisticRegression(C=1.0 / regularization, max_iter=1000).fit(x, y)
+    return float(model.intercept_[0]), {name: round(float(w), 6)
+                                        for name, w in zip(FEATURES, model.coef_[0])}
+
+
+def report(observations, intercept, weights, min_confidence=0.0, min_margin=0.0, bins=5):
+    """Return how the calibration fares on ``observations`` (a dict for tables and JSON).
+
+    ``r_at_1``: share right at rank 1; ``brier``: mean squared error of the confidence;
+    ``reliability``: per confidence bin, queries, mean confidence and share right;
+    ``held`` and ``r_at_1_passed``: the share confirm_below holds at the thresholds and the
+    rank-1 accuracy of the queries it lets through.
+    """
+    import numpy as np
+
+    conf = np.array([logistic(intercept, weights, o.features) for o in observations])
+    right = np.array([o.correct for o in observations], dtype=float)
+    held = np.array([should_hold('confirm_below', Assessment(c, o.features['margin'], {}),
+                                 min_confidence, min_margin)
+                     for c, o in zip(conf, observations)])
+    table = []
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf >= lo) & ((conf < hi) | (hi == 1.0))
+        if inside.any():
+            table.append({'bin': f'{lo:.1f}-{hi:.1f}', 'queries': int(inside.sum()),
+                          'mean_confidence': float(conf[inside].mean()),
+                          'share_right': float(right[inside].mean())})
+    passed = ~held
+    return {'queries': len(observations), 'r_at_1': float(right.mean()),
+            'brier': float(np.nanmean((conf - right) ** 2)), 'reliability': table,
+            'min_confidence': min_confidence, 'min_margin': min_margin,
+            'held': float(held.mean()),
+            'r_at_1_passed': float(right[passed].mean()) if passed.any() else math.nan,
+            'r_at_1_held': float(right[held].mean()) if held.any() else math.nan}
