@@ -31,7 +31,8 @@ def result_message(query_result, datum, frame_id, stamp, platform=''):
     """Build a RetrievalResult (status OK) for an engine QueryResult."""
     msg = RetrievalResult(
         query=query_result.query, normalized_query=query_result.normalized_query,
-        platform_filter=platform or '', status=RetrievalResult.STATUS_OK, error='')
+        platform_filter=platform or '', status=RetrievalResult.STATUS_OK, error='',
+        confidence=_NAN, margin=_NAN)
     msg.header.frame_id = frame_id
     msg.header.stamp = stamp
     timings = query_result.timings_ms or {}
@@ -63,20 +64,25 @@ def result_message(query_result, datum, frame_id, stamp, platform=''):
 def error_message(query, status, error, frame_id, stamp, platform=''):
     """Build a RetrievalResult that carries only an error status and its reason."""
     msg = RetrievalResult(query=query, platform_filter=platform or '', status=status,
-                          error=error)
+                          error=error, confidence=_NAN, margin=_NAN)
     msg.header.frame_id = frame_id
     msg.header.stamp = stamp
     return msg
 
 
+def selected(result):
+    """Return the candidate a result sends: ``selected_rank`` (0 = the best)."""
+    return result.candidates[max(int(result.selected_rank), 1) - 1]
+
+
 def goal_pose(result):
-    """Return the PoseStamped of the best candidate (for Nav2's /goal_pose)."""
-    return PoseStamped(header=result.header, pose=result.candidates[0].pose)
+    """Return the PoseStamped of the selected candidate (for Nav2's /goal_pose)."""
+    return PoseStamped(header=result.header, pose=selected(result).pose)
 
 
 def goal_fix(result):
-    """Return the NavSatFix of the best candidate (WGS84, altitude above the ellipsoid)."""
-    best = result.candidates[0]
+    """Return the NavSatFix of the selected candidate (WGS84, altitude above the ellipsoid)."""
+    best = selected(result)
     fix = NavSatFix(header=result.header, latitude=best.latitude, longitude=best.longitude,
                     altitude=best.altitude,
                     position_covariance_type=NavSatFix.COVARIANCE_TYPE_UNKNOWN)
@@ -93,13 +99,13 @@ _TEXT = ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0)
 def candidate_markers(result, scale=8.0):
     """Build the rviz MarkerArray: DELETEALL, then a sphere and a label per candidate.
 
-    The best candidate is a larger green sphere; the others are blue. Labels read
-    ``#rank image_id score``.
+    The selected candidate (the best, unless an operator chose another) is a larger green
+    sphere; the others are blue. Labels read ``#rank image_id score``.
     """
     markers = MarkerArray()
     markers.markers.append(Marker(header=result.header, action=Marker.DELETEALL))
     for cand in result.candidates:
-        best = cand.rank == 1
+        best = cand.rank == max(int(result.selected_rank), 1)
         size = scale * (1.6 if best else 1.0)
         markers.markers.append(Marker(
             header=result.header, ns='cgrs_candidates', id=int(cand.rank), type=Marker.SPHERE,
@@ -139,4 +145,10 @@ def result_to_dict(msg):
                        'captions': msg.captions_ms, 'rerank': msg.rerank_ms,
                        'total': msg.total_ms},
         'rerank': {'scored': msg.rerank_scored},
+        'result_id': msg.result_id,
+        'selected_rank': msg.selected_rank,
+        'confidence': _json_score(msg.confidence),
+        'margin': _json_score(msg.margin),
+        'area': ({'lat': msg.area_latitude, 'lon': msg.area_longitude,
+                  'radius_m': msg.area_radius_m} if msg.area_radius_m > 0 else None),
     }

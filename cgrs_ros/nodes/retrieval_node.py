@@ -13,6 +13,18 @@ Topics (relative names live in the node's namespace, ``cgrs`` in the launch file
   (sensor_msgs/NavSatFix), ``result`` (cgrs_ros/RetrievalResult), ``candidates``
   (visualization_msgs/MarkerArray), ``/diagnostics``.
 - sub ``captions_updated`` (std_msgs/UInt32): captioning_node says new captions exist.
+- sub ``/clicked_point`` (geometry_msgs/PointStamped in ``map``, rviz's Publish Point tool):
+  sets the search prior (``prior.latitude``/``prior.longitude``, radius ``prior_radius_m``);
+  goals then rank only gallery images within that radius (engine ``near``) until it is cleared
+  (``ros2 param set ... prior.latitude nan``). An action goal's ``near_*`` overrides it.
+- service ``~/confirm`` (cgrs_ros/srv/Confirm): send candidate ``rank`` of a result (by
+  ``result_id``) to /goal_pose, or dismiss a result awaiting confirmation (rank 0).
+
+Confirmation (``goal_policy``): ``auto`` publishes the best candidate at once; ``confirm``
+holds every ranking; ``confirm_below`` holds a ranking whose calibrated confidence is under
+``min_confidence`` or whose margin to the next place is under ``min_margin``
+(engine/confidence.py). A held ranking is published with STATUS_AWAITING_CONFIRMATION and its
+candidates, and no /goal_pose, until an operator confirms one.
 
 Busy policy (bounded): one worker thread runs queries in arrival order; at most
 ``max_pending`` goals wait behind the running one. A topic goal that finds the queue full
@@ -26,8 +38,11 @@ import collections
 from dataclasses import dataclass, field
 import math
 import threading
+import uuid
 
 from cgrs_ros.action import Retrieve
+from cgrs_ros.engine import confidence, geo
+from cgrs_ros.engine.area import MAX_RADIUS_M, SearchArea
 from cgrs_ros.engine.errors import CgrsError
 from cgrs_ros.msg import RetrievalResult
 from cgrs_ros.nodes import convert, image_msgs
@@ -35,20 +50,25 @@ from cgrs_ros.nodes.datum import DATUM_PARAMETERS, resolve_datum
 from cgrs_ros.nodes.engine_loader import open_retriever
 from cgrs_ros.nodes.parameters import declare_parameters, Param
 from cgrs_ros.nodes.spin import spin_node
+from cgrs_ros.srv import Confirm
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped
+from geometry_msgs.msg import PointStamped, PoseStamped
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.serialization import deserialize_message
+from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix
 from std_msgs.msg import String, UInt32
 from visualization_msgs.msg import MarkerArray
 
 PLATFORMS = ('satellite', 'drone', 'ground')
+GOAL_POLICIES = ('auto', 'confirm', 'confirm_below')
 # The most candidates one result may carry, for the parameter and for action goals alike.
 TOP_K_MAX = 100
+# Results an operator can still confirm a candidate of (by result_id), newest kept.
+RECENT_RESULTS = 32
 
 
 def _platform_ok(value):
@@ -92,6 +112,21 @@ PARAMETERS = (
           'expert of image encoders that have platform experts).', choices=PLATFORMS),
     Param('max_image_pixels', 16_000_000, 'Goal images with more pixels are refused before '
           'decoding.', minimum=1, maximum=400_000_000),
+    Param('goal_policy', 'auto', 'auto: publish the best candidate at once; confirm: every '
+          'ranking waits for an operator (~/confirm, the console); confirm_below: only those '
+          'under min_confidence or min_margin wait.', choices=GOAL_POLICIES),
+    Param('min_confidence', 0.5, 'confirm_below holds a ranking whose calibrated confidence '
+          '(engine config section confidence) is under this; 0 = confidence not used.',
+          minimum=0.0, maximum=1.0),
+    Param('min_margin', 0.0, 'confirm_below holds a ranking whose score margin between the '
+          'best place and the next is under this; 0 = margin not used.',
+          minimum=0.0, maximum=10.0),
+    Param('prior.latitude', math.nan, 'Centre of the search prior (WGS84 degrees); NaN = none. '
+          'Set by /clicked_point.', minimum=-90.0, maximum=90.0, allow_nan=True),
+    Param('prior.longitude', math.nan, 'Centre of the search prior (WGS84 degrees); NaN = '
+          'none. Set by /clicked_point.', minimum=-180.0, maximum=180.0, allow_nan=True),
+    Param('prior_radius_m', 300.0, 'Radius of the search prior around a clicked point (m).',
+          minimum=1.0, maximum=MAX_RADIUS_M),
 )
 
 
@@ -109,6 +144,8 @@ class Job:
     source: str                              # 'topic' | 'action'
     goal_handle: object = None
     image: object = None                     # a decoded PIL image: an image query
+    area: object = None                      # SearchArea the ranking is restricted to, or None
+    policy: str = 'auto'
     done: threading.Event = field(default_factory=threading.Event)
     result: RetrievalResult = None
 
@@ -164,6 +201,7 @@ class RetrievalNode(Node):
         self._datum = None
         self._served = 0
         self._last_latency_ms = math.nan
+        self._recent = collections.OrderedDict()  # result_id -> RetrievalResult (confirmable)
 
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                              reliability=ReliabilityPolicy.RELIABLE)
@@ -181,6 +219,9 @@ class RetrievalNode(Node):
         self.create_subscription(CompressedImage, 'goal_image/compressed',
                                  self._on_goal_image, 10)
         self.create_subscription(UInt32, 'captions_updated', self._on_captions_updated, 10)
+        self.create_subscription(PointStamped, '/clicked_point', self._on_clicked_point, 10)
+        self.create_service(Confirm, '~/confirm', self._on_confirm,
+                            callback_group=ReentrantCallbackGroup())
         self._action = ActionServer(
             self, Retrieve, 'retrieve', execute_callback=self._execute,
             goal_callback=lambda goal: GoalResponse.ACCEPT,
@@ -231,7 +272,8 @@ class RetrievalNode(Node):
         except ValueError as exc:
             self._reject(text[:200].replace('\ufffd', '?'), str(exc))
             return
-        job = Job(text=text, top_k=self.params['top_k'], platform='', source='topic')
+        job = Job(text=text, top_k=self.params['top_k'], platform='', source='topic',
+                  area=self._prior(), policy=self.params['goal_policy'])
         self._enqueue(job)
 
     def _on_goal_image(self, msg):
@@ -242,7 +284,39 @@ class RetrievalNode(Node):
             self._reject(label, str(exc))
             return
         self._enqueue(Job(text=label, top_k=self.params['top_k'],
-                          platform=self.params['image_platform'], source='topic', image=image))
+                          platform=self.params['image_platform'], source='topic', image=image,
+                          area=self._prior(), policy=self.params['goal_policy']))
+
+    def _prior(self):
+        """Return the clicked search prior as a SearchArea, or None when none is set."""
+        lat, lon = self.params['prior.latitude'], self.params['prior.longitude']
+        if math.isnan(lat) or math.isnan(lon):
+            return None
+        return SearchArea(lat, lon, self.params['prior_radius_m'])
+
+    def _on_clicked_point(self, msg):
+        """Set the search prior from rviz's Publish Point tool (or the console's map)."""
+        frame = msg.header.frame_id or self.params['map_frame']
+        if frame != self.params['map_frame']:
+            self.get_logger().warning(
+                f'clicked point in frame {frame!r} ignored: the node has no tf to transform '
+                f'it; click in the fixed frame {self.params["map_frame"]!r}')
+            return
+        if self._retriever is None and not all(
+                math.isfinite(self.params[f'datum.{k}']) for k in ('latitude', 'longitude')):
+            self.get_logger().warning('clicked point ignored: the datum comes from the gallery, '
+                                      'which is still loading; click again in a moment')
+            return
+        point = msg.point
+        lat, lon, _ = geo.enu_to_geodetic(point.x, point.y, point.z, self._datum_now())
+        result = self.set_parameters([Parameter('prior.latitude', value=float(lat)),
+                                      Parameter('prior.longitude', value=float(lon))])
+        if all(r.successful for r in result):
+            self.get_logger().info(
+                f'search prior: {self.params["prior_radius_m"]:g} m around lat {lat:.6f}, '
+                f'lon {lon:.6f} (map {point.x:.1f}, {point.y:.1f})')
+        else:
+            self.get_logger().warning(f'clicked point refused: {result[0].reason}')
 
     def _decode_goal_image(self, msg):
         """Return the PIL image of a goal image message; ValueError with the reason."""
@@ -284,13 +358,24 @@ class RetrievalNode(Node):
 
     def _execute(self, goal_handle):
         goal = goal_handle.request
+        if goal.confirm_id or goal.confirm_rank:
+            ok, message, result = self._confirm(goal.confirm_id, goal.confirm_rank)
+            if not ok:
+                result = self._reject(goal.confirm_id, message)
+            (goal_handle.succeed if ok else goal_handle.abort)()
+            return Retrieve.Result(result=result)
         platform = goal.platform.strip().lower()
+        policy = goal.goal_policy.strip().lower() or self.params['goal_policy']
         job = Job(text=goal.description, top_k=goal.top_k or self.params['top_k'],
-                  platform=platform, source='action', goal_handle=goal_handle)
+                  platform=platform, source='action', goal_handle=goal_handle, policy=policy)
         try:
             reason = _platform_ok(platform)
             if reason:
                 raise ValueError(reason)
+            if policy not in GOAL_POLICIES:
+                raise ValueError(f'goal_policy {goal.goal_policy!r} is not one of '
+                                 f'{", ".join(GOAL_POLICIES)} (empty: the goal_policy parameter)')
+            job.area = self._goal_area(goal)
             if goal.top_k > TOP_K_MAX:
                 raise ValueError(f'top_k {goal.top_k} is more than {TOP_K_MAX}, the most the '
                                  'top_k parameter allows; ask for fewer candidates')
@@ -318,11 +403,90 @@ class RetrievalNode(Node):
         result = job.result
         if result.status == RetrievalResult.STATUS_CANCELED:
             goal_handle.canceled()
-        elif result.status == RetrievalResult.STATUS_OK:
+        elif result.status in (RetrievalResult.STATUS_OK,
+                               RetrievalResult.STATUS_AWAITING_CONFIRMATION):
             goal_handle.succeed()
         else:
             goal_handle.abort()
         return Retrieve.Result(result=result)
+
+    def _goal_area(self, goal):
+        """Return the action goal's search area (near_*), the prior, or None; ValueError."""
+        if goal.near_radius_m == 0.0:
+            return self._prior()
+        try:
+            return SearchArea.parse((goal.near_latitude, goal.near_longitude,
+                                     goal.near_radius_m))
+        except CgrsError as exc:
+            raise ValueError(f'the search area of the goal is invalid: {exc}; set '
+                             'near_radius_m 0 for the whole gallery') from None
+
+    # ---- confirmation -----------------------------------------------------------------
+    def _remember(self, result):
+        with self._lock:
+            self._recent[result.result_id] = result
+            self._recent.move_to_end(result.result_id)
+            while len(self._recent) > RECENT_RESULTS:
+                self._recent.popitem(last=False)
+
+    def _on_confirm(self, request, response):
+        response.success, response.message, result = self._confirm(request.result_id,
+                                                                   request.rank)
+        if result is not None:
+            response.result = result
+        return response
+
+    def _confirm(self, result_id, rank):
+        """Send candidate ``rank`` of a recent result (rank 0: dismiss a held one).
+
+        Returns (success, message, the result as published or None).
+        """
+        with self._lock:
+            if not result_id:
+                held = [r for r in self._recent.values()
+                        if r.status == RetrievalResult.STATUS_AWAITING_CONFIRMATION]
+                base = held[-1] if held else None
+                if base is None:
+                    return False, 'no result is awaiting confirmation; name one by result_id', \
+                        None
+            else:
+                base = self._recent.get(result_id)
+                if base is None:
+                    return False, (f'no recent result {result_id!r}: the node keeps the last '
+                                   f'{RECENT_RESULTS} results; send the goal again'), None
+        if base.status not in (RetrievalResult.STATUS_OK, RetrievalResult.STATUS_NO_MATCH,
+                               RetrievalResult.STATUS_AWAITING_CONFIRMATION):
+            return False, f'result {base.result_id} has no candidates to send', None
+        if rank > len(base.candidates):
+            return False, (f'rank {rank} is out of range: result {base.result_id} has '
+                           f'{len(base.candidates)} candidates (1 = best)'), None
+        # A copy: the stored ranking keeps its own status until this one is published.
+        result = deserialize_message(serialize_message(base), RetrievalResult)
+        result.header.stamp = self.get_clock().now().to_msg()
+        if rank == 0:
+            if base.status != RetrievalResult.STATUS_AWAITING_CONFIRMATION:
+                return False, (f'result {base.result_id} is not awaiting confirmation; '
+                               'nothing to dismiss'), None
+            result.status = RetrievalResult.STATUS_CANCELED
+            result.error = 'dismissed by the operator: nothing was sent'
+            message = f'result {base.result_id} dismissed'
+        else:
+            result.status, result.error, result.selected_rank = (
+                RetrievalResult.STATUS_OK, '', rank)
+            self._send(result)
+            chosen = result.candidates[rank - 1]
+            message = f'sent candidate {rank} ({chosen.image_id}) of result {base.result_id}'
+        self.get_logger().info(message)
+        self._remember(result)
+        self._result_pub.publish(result)
+        return True, message, result
+
+    def _send(self, result):
+        """Publish the selected candidate: /goal_pose (unless off), goal_fix and markers."""
+        if self.params['publish_goal_pose']:
+            self._pose_pub.publish(convert.goal_pose(result))
+        self._fix_pub.publish(convert.goal_fix(result))
+        self._marker_pub.publish(convert.candidate_markers(result))
 
     def _finish_canceled(self, job):
         self.get_logger().info(f'goal canceled: {job.text[:80]!r}')
@@ -403,18 +567,31 @@ class RetrievalNode(Node):
                 raise _Canceled()
             job.feedback(stage, progress)
 
+        section = self._retriever.config.confidence
+        # The margin looks for the next place among pool_k candidates; the result keeps top_k.
+        pool = max(job.top_k, section.pool_k)
         try:
             if job.image is not None:
                 found = self._retriever.query_image(
-                    job.image, top_k=job.top_k, platform=job.platform or None,
-                    on_stage=on_stage, query_platform=self.params['image_query_platform'])
+                    job.image, top_k=pool, platform=job.platform or None,
+                    on_stage=on_stage, query_platform=self.params['image_query_platform'],
+                    near=job.area)
             else:
-                found = self._retriever.query(job.text, top_k=job.top_k,
+                found = self._retriever.query(job.text, top_k=pool, near=job.area,
                                               platform=job.platform or None, on_stage=on_stage)
+            sure = confidence.assess(found.candidates, section)
+            if job.image is not None:  # calibrated on text goals: photos are judged by margin
+                sure = confidence.Assessment(math.nan, sure.margin, sure.features)
+            found.candidates = found.candidates[:job.top_k]
             result = convert.result_message(found, self._datum_now(), frame,
                                             self.get_clock().now().to_msg(), job.platform)
             if job.image is not None:
                 result.query = job.text  # the message's label; normalized_query: the engine's
+            result.result_id = uuid.uuid4().hex[:12]
+            result.confidence, result.margin = sure.confidence, sure.margin
+            if job.area is not None:
+                result.area_latitude, result.area_longitude = job.area.lat, job.area.lon
+                result.area_radius_m = job.area.radius_m
         except _Canceled:
             return self._finish_canceled(job)
         except CgrsError as exc:
@@ -428,17 +605,26 @@ class RetrievalNode(Node):
         job.feedback('publish', 0.9)
         self._served += 1
         self._last_latency_ms = result.total_ms
-        if result.status == RetrievalResult.STATUS_OK:
+        min_confidence = self.params['min_confidence'] if job.image is None else 0.0
+        if result.status == RetrievalResult.STATUS_OK and confidence.should_hold(
+                job.policy, sure, min_confidence, self.params['min_margin']):
+            result.status = RetrievalResult.STATUS_AWAITING_CONFIRMATION
+            result.error = (f'awaiting confirmation ({job.policy}: confidence '
+                            f'{sure.confidence:.2f}, margin {sure.margin:.3f}); confirm a '
+                            f'candidate with ~/confirm result_id {result.result_id!r}')
+            self.get_logger().info(f'{job.text[:60]!r}: {result.error}')
+            self._marker_pub.publish(convert.candidate_markers(result))
+            job.feedback('awaiting confirmation', 1.0)
+        elif result.status == RetrievalResult.STATUS_OK:
+            result.selected_rank = 1
             best = result.candidates[0]
             self.get_logger().info(
                 f'{job.text[:60]!r} -> {best.image_id} ({best.platform}, '
                 f'lat {best.latitude:.6f}, lon {best.longitude:.6f}) in {result.total_ms:.1f} ms')
-            if self.params['publish_goal_pose']:
-                self._pose_pub.publish(convert.goal_pose(result))
-            self._fix_pub.publish(convert.goal_fix(result))
-            self._marker_pub.publish(convert.candidate_markers(result))
+            self._send(result)
         else:
             self.get_logger().warning(result.error)
+        self._remember(result)
         self._result_pub.publish(result)  # last: whoever sees it has already got the pose
         job.feedback('done', 1.0)
         return result
@@ -449,7 +635,9 @@ class RetrievalNode(Node):
                                   hardware_id=self.params['gallery_dir'])
         values = {'engine': self._engine_state, 'queries_served': str(self._served),
                   'pending_goals': str(len(self._pending)),
-                  'last_query_latency_ms': f'{self._last_latency_ms:.1f}'}
+                  'last_query_latency_ms': f'{self._last_latency_ms:.1f}',
+                  'goal_policy': self.params['goal_policy'],
+                  'search_prior': (self._prior().describe() if self._prior() else 'none')}
         if self._retriever is not None:
             stats = self._retriever.stats()
             values.update({k: str(v) for k, v in stats.items()})
