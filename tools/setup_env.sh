@@ -21,13 +21,33 @@ fi
 # The venv holds ROS packages (share/*/package.xml): keep colcon from treating them as ours.
 touch "$VENV/COLCON_IGNORE"
 
+step 'Debian packages (as root only; skipped when present)'
+# libportaudio2: the microphone of voice_node (sounddevice loads it); espeak-ng: the spoken
+# goals of the voice tests and benchmarks/voice_figures.py.
+DEB_PACKAGES=(libportaudio2 espeak-ng)
+missing=()
+for package in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' \
+    || missing+=("$package")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "present: ${DEB_PACKAGES[*]}"
+elif [ "$(id -u)" -eq 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+else
+  echo "not root: install ${missing[*]} with apt-get (voice tests need them)" >&2
+fi
+
 step 'torch (CPU build, pinned; installed first so nothing pulls the CUDA build)'
 pip_quiet install "${PIP_FLAGS[@]}" 'torch==2.13.0'
 
 step 'ROS 2 Kilted wheels, test tools, the engine (editable)'
 # compat mode puts the repository on sys.path (a .pth), so the regular package in ./cgrs_ros is
 # found by the normal path search; see the interface step below for why that matters.
-pip_quiet install "${PIP_FLAGS[@]}" -r requirements/ros.txt -r requirements/dev.txt \
+pip_quiet install "${PIP_FLAGS[@]}" -r requirements/ros.txt -r requirements/dev.txt -r requirements/voice.txt \
+  -r requirements/cluster.txt \
   -e . --config-settings editable_mode=compat
 
 step 'repairing the CMake files of the ROS wheels'
