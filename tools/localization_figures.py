@@ -59,6 +59,13 @@ def _args():
     parser.add_argument('--min-score', type=float, default=None,
                         help='localizer min_score (default 0.7, the node default, calibrated '
                              'for models/demo_dual; other encoders score on other scales)')
+    parser.add_argument('--set', dest='settings', action='append', default=[],
+                        metavar='NAME=VALUE',
+                        help='a localizer setting (a localization_node parameter of the same '
+                             'name), e.g. --set temperature=0.01; repeatable')
+    parser.add_argument('--overlap', type=float, default=0.75,
+                        help='overlap of the 128 m satellite tiles (default 0.75: a 32 m grid; '
+                             '0.875: a 16 m grid, four times the tiles)')
     parser.add_argument('--offline', action='store_true',
                         help='engine only: no ROS, frames matched one after the other')
     return parser.parse_args()
@@ -69,18 +76,39 @@ def state_dir(tiles, config):
     return tiles / f'.cgrs-{Path(config).stem}'
 
 
-def prepare(out, seed, size, config):
+def localizer_settings(args):
+    """Return the localizer settings given on the command line ({name: typed value})."""
+    from dataclasses import fields
+    from cgrs_ros.engine.localization import LocalizerSettings
+    types = {f.name: type(f.default) for f in fields(LocalizerSettings)}
+    chosen = {} if args.min_score is None else {'min_score': args.min_score}
+    for item in args.settings:
+        name, _, value = item.partition('=')
+        if name not in types or not value:
+            raise SystemExit(f'--set {item}: expected NAME=VALUE with NAME one of '
+                             f'{", ".join(types)}')
+        kind = types[name]
+        chosen[name] = value.lower() == 'true' if kind is bool else kind(value)
+    return chosen
+
+
+def tiles_dir(out, overlap):
+    """Return the folder of the satellite tiles cut with ``overlap``."""
+    return out / ('tiles' if overlap == 0.75 else f'tiles-{overlap:g}')
+
+
+def prepare(out, seed, size, config, overlap):
     """Write the demo town and its satellite tiles, index the tiles; return (town, tiles)."""
     from cgrs_ros.engine.config import load_config
     from cgrs_ros.engine.demo import generate_demo_world
     from cgrs_ros.engine.demo.scene import satellite_tiles
     from cgrs_ros.engine.indexer import index_gallery
 
-    town, tiles = out / 'town', out / 'tiles'
+    town, tiles = out / 'town', tiles_dir(out, overlap)
     if not (town / 'world.json').exists():
         generate_demo_world(town, seed=seed, size=size, drone_views=0, force=True)
     if not (tiles / 'gallery.csv').exists():
-        summary = satellite_tiles(town, tiles, force=True)
+        summary = satellite_tiles(town, tiles, overlap=overlap, force=True)
         print(f'{summary.tiles} satellite tiles (stride {summary.stride} px = '
               f'{summary.stride * 0.5:g} m) in {tiles}')
     started = time.monotonic()
@@ -130,9 +158,7 @@ def run_offline(args, town, tiles):
     route = lawnmower(scene.side_m, args.margin)
     step = args.speed / args.rate
     lat, lon, _ = geo.enu_to_geodetic(*route[0], 0.0, scene.datum)
-    settings = LocalizerSettings()
-    if args.min_score is not None:
-        settings.min_score = args.min_score
+    settings = LocalizerSettings(**localizer_settings(args))
     localizer = Localizer(retriever, settings, prior=(lat, lon, 100.0))
     rng = np.random.default_rng(0)
     errors, latencies, frames, fixes, t = [], [], 0, 0, 0.0
@@ -174,13 +200,13 @@ def _params_file(out, args, town, start):
                       'initial.y': start[1], 'initial.z': args.altitude,
                       'cruise_altitude': args.altitude, 'max_speed': args.speed},
         'localization_node': {**datum, 'config': str(Path(args.config).resolve()),
-                              'state_dir': str(state_dir(out / 'tiles', args.config)),
+                              'state_dir': str(state_dir(tiles_dir(out, args.overlap),
+                                                         args.config)),
                               'image_transport': args.transport, 'heading_source': 'imu',
                               'rate': args.rate, 'prior.latitude': lat,
                               'prior.longitude': lon, 'prior.radius_m': 100.0},
     }
-    if args.min_score is not None:
-        sections['localization_node']['min_score'] = args.min_score
+    sections['localization_node'].update(localizer_settings(args))
     lines = []
     for node, values in sections.items():
         lines += [f'/**/{node}:', '  ros__parameters:']
@@ -277,7 +303,7 @@ def run_ros(args, out, town):
     params, scene = _params_file(out, args, town, route[0])
     values = stack.resolve_arguments({
         'params_file': str(params), 'sim': 'true', 'localization': 'true',
-        'localization_gallery': str(out / 'tiles'), 'captioning': 'false'})
+        'localization_gallery': str(tiles_dir(out, args.overlap)), 'captioning': 'false'})
     specs = {s.name: s for s in stack.node_specs(values)}
     procs = {}
     for name in ('sim_drone', 'localization_node'):
@@ -352,14 +378,15 @@ def main():
     ensure_torchvision()
     out = Path(args.out or tempfile.mkdtemp(prefix='cgrs-localization-')).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    town, tiles = prepare(out, args.seed, args.size, args.config)
+    town, tiles = prepare(out, args.seed, args.size, args.config, args.overlap)
     figures = run_offline(args, town, tiles) if args.offline else run_ros(args, out, town)
     figures.update({'mode': 'offline (engine only)' if args.offline else 'ROS closed loop',
                     'seed': args.seed, 'size': args.size, 'altitude_m': args.altitude,
                     'speed_mps': args.speed, 'rate_hz': args.rate,
                     'camera_px': args.camera_size, 'transport': args.transport,
                     'yaw_noise_deg': args.yaw_noise, 'config': args.config,
-                    'min_score': args.min_score, 'cpus': os.cpu_count()})
+                    'localizer': localizer_settings(args), 'tile_overlap': args.overlap,
+                    'cpus': os.cpu_count()})
     (out / 'figures.json').write_text(json.dumps(figures, indent=1) + '\n')
     print(f'localization, {figures["mode"]}, demo town seed {args.seed} ({args.size} places), '
           f'{args.altitude:g} m, {args.speed:g} m/s, camera {args.camera_size} px at '
