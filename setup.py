@@ -22,11 +22,14 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['cgrs_ros', 'cgrs_ros.*']),
+    # The operator console's page (served by console_node; no CDN).
+    package_data={'cgrs_ros.nodes.console': ['static/*']},
     install_requires=_requirements('requirements/engine.txt'),
     extras_require={'voice': _requirements('requirements/voice.txt')},
     entry_points={
         'console_scripts': [
             'cgrs = cgrs_ros.cli:main',
+            'console_node = cgrs_ros.nodes.console_node:main',
         ],
     },
 )

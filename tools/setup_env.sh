@@ -23,8 +23,9 @@ touch "$VENV/COLCON_IGNORE"
 
 step 'Debian packages (as root only; skipped when present)'
 # libportaudio2: the microphone of voice_node (sounddevice loads it); espeak-ng: the spoken
-# goals of the voice tests and benchmarks/voice_figures.py.
-DEB_PACKAGES=(libportaudio2 espeak-ng)
+# goals of the voice tests and benchmarks/voice_figures.py; chromium (+ its driver): the headless
+# browser Playwright drives in the console tests (test_console.py; no browser download).
+DEB_PACKAGES=(libportaudio2 espeak-ng chromium chromium-driver)
 missing=()
 for package in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' \
@@ -37,7 +38,7 @@ elif [ "$(id -u)" -eq 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
 else
-  echo "not root: install ${missing[*]} with apt-get (voice tests need them)" >&2
+  echo "not root: install ${missing[*]} with apt-get (voice and console tests need them)" >&2
 fi
 
 step 'torch (CPU build, pinned; installed first so nothing pulls the CUDA build)'

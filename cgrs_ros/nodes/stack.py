@@ -81,6 +81,8 @@ def launch_arguments():
         LaunchArgument('localization_gallery', '',
                        'Satellite gallery localization_node matches against (e.g. orthophoto '
                        'tiles); empty = gallery_dir'),
+        LaunchArgument('console', 'false', 'Start console_node: the operator web console '
+                       '(http://127.0.0.1:8080; console.* parameters)', ('true', 'false')),
         LaunchArgument('respawn', 'false', 'Restart a node that exits (a crash is a blip, not '
                        'a landing) instead of stopping the stack', ('true', 'false')),
         LaunchArgument('respawn_delay', '2.0', 'Seconds before a node is restarted'),
@@ -161,6 +163,11 @@ def node_specs(values):
                      module='cgrs_ros.nodes.localization_node', name='localization_node',
                      namespace=values['namespace'], parameters=parameters + [overrides],
                      log_level=values['log_level']))
+    if values['console'] == 'true':
+        nodes.append(
+            NodeSpec(executable='console_node', module='cgrs_ros.nodes.console_node',
+                     name='console_node', namespace=values['namespace'],
+                     parameters=parameters, log_level=values['log_level']))
     for spec in nodes:
         spec.respawn, spec.respawn_delay, spec.respawn_max_retries = respawn, delay, retries
     return nodes
