@@ -84,7 +84,7 @@ def test_index_and_query_end_to_end(gallery, config, make_png):
     assert 'searchable by its caption only' in reasons['broken'][1]
     assert summary.images_embedded == len(PLACES)
     assert summary.captions_embedded == len(PLACES) + 1 and summary.captioned == len(PLACES) + 1
-    assert (gallery / '.cgrs' / 'index' / 'image.faiss').is_file()
+    assert list((gallery / '.cgrs' / 'index').glob('image.*.faiss'))
 
     retriever = Retriever.open(gallery, config())
     stats = retriever.stats()
@@ -158,7 +158,7 @@ def test_reopening_gives_the_same_results(gallery, config):
     before = run()
     assert before == run()
     # Without the persisted FAISS file the index is rebuilt from the stored embeddings.
-    (gallery / '.cgrs' / 'index' / 'image.faiss').unlink()
+    next((gallery / '.cgrs' / 'index').glob('image.*.faiss')).unlink()
     assert run() == before
     # A state folder elsewhere works the same way (--state).
     state = gallery.parent / 'state'
@@ -255,7 +255,7 @@ def test_caption_only_retrieval_loads_no_image_model(gallery, config):
     caption_only = config(**{'image_encoder.backend': 'none'})
     summary = index_gallery(gallery, caption_only, progress=False)
     assert summary.images_embedded == 0 and summary.image_encoder is None
-    assert not (gallery / '.cgrs' / 'index' / 'image.faiss').exists()
+    assert not list((gallery / '.cgrs' / 'index').glob('image*'))
     retriever = Retriever.open(gallery, caption_only)
     result = retriever.query('a gothic church', top_k=3)
     assert result.candidates[0].image_id == 'church'

@@ -142,7 +142,7 @@ def _flip_signs(data):
 @pytest.mark.parametrize('damage', ['truncated', 'flipped', 'garbage'])
 def test_damaged_faiss_index_is_rebuilt(indexed, capsys, caplog, damage):
     gallery, config, state, clean = indexed
-    path = state / 'index' / 'image.faiss'
+    path = state / 'index' / read_json(state / 'index' / 'image.json')['faiss_file']
     data = path.read_bytes()
     path.write_bytes({'truncated': data[:len(data) // 2], 'flipped': _flip_signs(data),
                       'garbage': os.urandom(len(data))}[damage])

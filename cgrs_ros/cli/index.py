@@ -29,8 +29,25 @@ def format_summary(summary):
                      f'{summary.captions_embedded} embedded ({summary.text_encoder})')
     else:
         lines.append('captions: none (coarse-only retrieval)')
+    if summary.image_index:
+        lines.append(format_image_index(summary.image_index))
     lines.append(f'state: {summary.state_dir}')
     return lines
+
+
+def format_image_index(report):
+    """Return the line saying what image index ``cgrs index`` built (or kept) and its recall."""
+    breadth = (f', {report["breadth_name"]} {report["breadth"]}' if report.get('breadth')
+               else '')
+    recall = report.get('recall_at_10')
+    recall = 'exact' if report.get('type') == 'flat' else (
+        f'recall@10 {recall:.3f} vs exact' if recall is not None else 'recall not measured')
+    what = {'current': 'image index up to date', 'built': 'image index built',
+            'added': 'image index extended', 'refused': 'image index NOT replaced'}[
+                report['action']]
+    line = (f'{what}: {report["type"]} ({report["factory"]}), {report["rows"]} rows, '
+            f'{recall}{breadth}')
+    return line + (f'; {report["note"]}' if report.get('note') else '')
 
 
 def run(args):
@@ -39,13 +56,15 @@ def run(args):
     from cgrs_ros.engine.indexer import index_gallery
 
     config = load_config(args.config)
-    summary = index_gallery(args.gallery, config, state_dir=args.state,
-                            progress=not args.quiet and sys.stderr.isatty() or args.progress)
+    progress = not args.quiet and sys.stderr.isatty() or args.progress
+    log = None if args.quiet else (lambda line: print(f'index: {line}', file=sys.stderr))
+    summary = index_gallery(args.gallery, config, state_dir=args.state, progress=progress,
+                            replace_index=args.replace_index, log=log)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print('\n'.join(format_summary(summary)))
-    return 0
+    return 1 if summary.image_index.get('action') == 'refused' else 0
 
 
 def register(subparsers):
@@ -57,6 +76,9 @@ def register(subparsers):
                     'unchanged gallery does no model work.')
     parser.add_argument('gallery', metavar='GALLERY', help='folder holding gallery.csv')
     add_engine_arguments(parser)
+    parser.add_argument('--replace-index', action='store_true',
+                        help='write the new image index even when its recall@10 is lower '
+                             'than the saved one (a change of index type or settings)')
     parser.add_argument('--json', action='store_true', help='print the summary as JSON')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
     parser.add_argument('--progress', action='store_true',

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from cgrs_ros.engine.errors import ConfigError
+from cgrs_ros.engine.index import IndexSettings
 from cgrs_ros.engine.rerankers.base import RerankerSettings
 from cgrs_ros.engine.sections import UNKNOWN_KEY
 from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_validator,
@@ -149,6 +150,8 @@ class EngineConfig(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     # The cross-modal third stage (rerankers/); backend none (the default) runs no stage.
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
+    # How `cgrs index` builds the image index: exact or approximate (index.py).
+    index: IndexSettings = Field(default_factory=IndexSettings)
     # How sure a ranking is (confirm_below in retrieval_node).
     confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
 
@@ -258,7 +261,8 @@ def load_config(path=None, overrides=None):
     """
     source = 'engine config' if path is None else str(path)
     data = read_config_data(path, overrides, 'config file',
-                            'image_encoder, text_encoder, captioner, retrieval, reranker')
+                            'image_encoder, text_encoder, captioner, retrieval, reranker, '
+                            'index')
     try:
         config = EngineConfig.model_validate(data)
     except ValidationError as exc:

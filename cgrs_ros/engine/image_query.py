@@ -31,6 +31,7 @@ import time
 from cgrs_ros.engine.area import items_within, SearchArea
 from cgrs_ros.engine.errors import ConfigError, QueryError
 from cgrs_ros.engine.gallery import MAX_DECODED_SIDE, MAX_IMAGE_PIXELS, PLATFORMS
+from cgrs_ros.engine.index import ALL_PLATFORMS, PLATFORM_CODES
 import numpy as np
 from PIL import Image
 
@@ -121,8 +122,8 @@ def embed_query_images(retriever, images, query_platform=DEFAULT_QUERY_PLATFORM)
 def platform_rows(retriever, platform):
     """Return ``(gallery item indices, their image embeddings)`` of one platform's rows."""
     _, index = _image_parts(retriever)
-    lo, hi = index.platform_range(platform)
-    return index.row_items[lo:hi], index.matrix[lo:hi]
+    rows = index.rows_of_platform(platform)
+    return index.row_items[rows], index.vectors(rows)
 
 
 def run_image_query(retriever, image, top_k=None, platform=None, on_stage=None, near=None,
@@ -147,14 +148,14 @@ def run_image_query(retriever, image, top_k=None, platform=None, on_stage=None, 
     t_encode = time.perf_counter()
 
     stage('coarse', 0.5)
-    lo, hi = index.platform_range(platform) if platform else (0, len(index))
+    codes = (PLATFORM_CODES[platform],) if platform else ALL_PLATFORMS
     rows = None
     if area is not None:
         rows = index.rows_of_items(items_within(retriever.gallery, area))
     reranker = retriever.reranker
     pairs = reranker is not None and getattr(reranker, 'compares_images', False)
     k_search = max(top_k, config.reranker.k) if pairs else top_k
-    items, scores = index.search([(vector, lo, hi)], k_search, rows=rows)
+    items, scores = index.search([(vector, codes)], k_search, rows=rows)
     scores = scores.astype(np.float64)
     t_coarse = time.perf_counter()
     rerank, final, rerank_info = np.full(len(items), np.nan), np.full(len(items), np.nan), {}

@@ -1,33 +1,143 @@
-"""Exact FAISS inner-product search over L2-normalized vectors, grouped by platform.
+"""FAISS inner-product search over L2-normalized vectors: exact or approximate, filtered inside.
 
-Rows are stored sorted by platform (satellite, drone, ground), so every platform is one
-contiguous row range. That makes the platform filter an ``IDSelectorRange`` applied inside the
-FAISS search (before top-k, so a filtered query still gets k results), and lets the
-``auto`` orientation-word mode score satellite rows with the normalized query and the other
-rows with the raw one in two searches that together cost one full scan.
+Index types (config section ``index``, :class:`IndexSettings`), all built with FAISS's
+``index_factory``:
 
-Why exact (IndexFlatIP) at every size: on this class of machine a flat scan of 100k x 512
-float32 takes ~6-10 ms for one query, less than the text encoders' forward pass, so an
-approximate index (HNSW, IVF) would save little latency at the cost of recall, build time and
-filter quality. The row matrix is read straight out of the FAISS index (no second copy), for
-scoring candidates that came from the other channel.
+- ``flat``: exact scan (IndexFlatIP). Below ``index.flat_max`` rows (100k) a scan costs less
+  than encoding the query, so ``auto`` keeps it there.
+- ``ivf_hnsw_sq8``: inverted lists with an HNSW coarse quantizer, 8-bit scalar codes (d bytes
+  per vector); ``auto`` from ``flat_max`` to ``index.pq_min`` rows (4M).
+- ``ivf_hnsw_pq``: the same with product-quantization codes (``pq_m`` bytes per vector, d/4 by
+  default); ``auto`` from ``pq_min`` rows: what fits 10M images in a few hundred bytes each.
+- ``ivf_hnsw_flat`` (float32 lists) and ``hnsw`` (an HNSW graph over float32 vectors) on
+  request.
 
-A saved index is two files: ``NAME.faiss`` and ``NAME.json`` (row table, identity,
-fingerprint, and the ``.faiss`` file's size and SHA-256). :meth:`VectorIndex.check` /
-:meth:`VectorIndex.load` tell an index that is out of date (None: rebuild it, nothing is wrong)
-from one that is damaged (StateError naming the file). The checksum is what catches flipped
-bytes inside the vectors: FAISS reads such a file without complaint and ranks with it.
+The approximate types are trained on a random sample (``index.train_size``; 40 vectors per
+list by default) and their search breadth (``nprobe`` for IVF, ``efSearch`` for HNSW) is, unless
+configured, tuned at build time: the smallest breadth whose recall@10 against an exact scan
+reaches ``index.target_recall`` on held-out gallery vectors (each one's own row left out of
+both lists). The recall is stored with the index and printed by ``cgrs index``.
+
+Filters run inside the search, never after a top-k. Each row remembers its platform; a query
+asks for a set of platforms (a contiguous row range when rows are sorted by platform, the
+case after a full build, else a bitmap) and optionally an explicit set of rows (a search area,
+area.py). A filtered set of at most ``index.exact_filter_max`` rows is scored exactly (its
+vectors gathered, or decoded from their codes, and multiplied by the query): that is what
+makes a radius query cheaper than an unfiltered one at any gallery size. A larger set goes to
+FAISS as a selector, with the search breadth widened by the inverse of the share of rows that
+pass, so about as many passing candidates are met as an unfiltered search meets.
+
+A saved index is three files: ``NAME.<token>.faiss``, ``NAME.<token>.rows.npy`` (per row:
+gallery item, 64-bit digest of the item's identity, platform code) and ``NAME.json``
+(identity, fingerprint, type, search breadth, recall, both files' names, sizes and SHA-256).
+The JSON is written last and is the commit: an interrupted build or save leaves the previous
+index whole.
+:meth:`VectorIndex.check` / :meth:`VectorIndex.load` tell an index that is out of date (None:
+rebuild it, nothing is wrong) from one that is damaged (StateError naming the file); the
+checksum is what catches flipped bytes inside the vectors: FAISS reads such a file without
+complaint and ranks with it. Indexes open memory-mapped (``index.mmap``), so a 10M-row index
+opens in the time its checksum takes. Rows are appended to a trained index without retraining
+(:meth:`VectorIndex.add`), which is how ``cgrs index`` adds new images to a large gallery.
 """
 
+import hashlib
+import math
 from pathlib import Path
+import secrets
+import time
+from typing import Literal, Optional
 
 from cgrs_ros.engine.errors import StateError
 from cgrs_ros.engine.gallery import PLATFORMS
-from cgrs_ros.engine.storage import atomic_replace, atomic_write_json, read_json, sha256_file
+from cgrs_ros.engine.sections import SectionSettings
+from cgrs_ros.engine.storage import (atomic_replace, atomic_write_bytes, atomic_write_json,
+                                     npy_bytes, read_json, sha256_file)
 import faiss
 import numpy as np
+import pydantic
 
 PLATFORM_CODES = {name: code for code, name in enumerate(PLATFORMS)}
+ALL_PLATFORMS = tuple(range(len(PLATFORMS)))
+INDEX_TYPES = ('auto', 'flat', 'ivf_hnsw_flat', 'ivf_hnsw_sq8', 'ivf_hnsw_pq', 'hnsw')
+FORMAT = 2
+RECALL_K = 10
+_CHUNK = 65536
+# Search breadths tried by the build-time tuning, smallest first.
+_BREADTHS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048,
+             4096, 8192, 16384, 32768, 65536)
+
+
+class IndexSettings(SectionSettings):
+    """The ``index`` section of the engine configuration (how the image index is built)."""
+
+    model_config = pydantic.ConfigDict(extra='forbid')
+    SECTION = 'index'
+
+    type: Literal[INDEX_TYPES] = pydantic.Field(  # noqa: A003 (the config key's name)
+        'auto', description='auto picks by gallery size: flat, then ivf_hnsw_sq8, then '
+                            'ivf_hnsw_pq (see flat_max, pq_min).')
+    flat_max: int = pydantic.Field(100_000, ge=0, description='auto: exact below this many rows.')
+    pq_min: int = pydantic.Field(4_000_000, ge=1, description='auto: PQ codes from this many.')
+    nlist: Optional[int] = pydantic.Field(
+        None, ge=1, le=1 << 20, description='IVF lists; null: about 1.5 sqrt(rows), a power of 2.')
+    nprobe: Optional[int] = pydantic.Field(
+        None, ge=1, description='IVF lists searched; null: tuned at build to reach target_recall.')
+    ef_search: Optional[int] = pydantic.Field(
+        None, ge=1, description='HNSW breadth (type hnsw); null: tuned like nprobe.')
+    hnsw_m: int = pydantic.Field(32, ge=4, le=256, description='HNSW links per node.')
+    pq_m: Optional[int] = pydantic.Field(
+        None, ge=1, description='PQ bytes per vector (divides the dimension); null: dim / 4.')
+    train_size: Optional[int] = pydantic.Field(
+        None, ge=1, description='Training sample; null: 40 per IVF list (at least 10000).')
+    recall_queries: int = pydantic.Field(
+        500, ge=10, description='Held-out vectors recall@10 is measured with at build time.')
+    target_recall: float = pydantic.Field(0.95, gt=0.0, le=1.0)
+    exact_filter_max: int = pydantic.Field(
+        50_000, ge=0, description='Filtered searches over at most this many rows score them '
+                                  'exactly.')
+    mmap: bool = pydantic.Field(True, description='Open saved indexes memory-mapped.')
+    seed: int = 0
+
+
+def resolve_type(settings, n):
+    """Return the index type ``settings`` asks for at ``n`` rows (``auto`` resolved)."""
+    if settings.type != 'auto':
+        return settings.type
+    if n < max(settings.flat_max, 1):
+        return 'flat'
+    return 'ivf_hnsw_sq8' if n < settings.pq_min else 'ivf_hnsw_pq'
+
+
+def auto_nlist(n):
+    """Return the default IVF list count: a power of 2 near 1.5 sqrt(n), 39+ rows per list."""
+    nlist = 2 ** round(math.log2(max(1.5 * math.sqrt(max(n, 1)), 1)))
+    return int(max(1, min(nlist, 65536, n // 39)))
+
+
+def factory_string(kind, dim, n, settings):
+    """Return the ``index_factory`` description of an index type for ``n`` rows of ``dim``."""
+    m = settings.hnsw_m
+    if kind == 'flat':
+        return 'Flat'
+    if kind == 'hnsw':
+        return f'HNSW{m}'
+    nlist = settings.nlist or auto_nlist(n)
+    codes = {'ivf_hnsw_flat': 'Flat', 'ivf_hnsw_sq8': 'SQ8'}.get(kind)
+    if codes is None:
+        pq_m = settings.pq_m or max(1, dim // 4)
+        if dim % pq_m:
+            raise ValueError(f'index.pq_m {pq_m} must divide the vector dimension {dim}')
+        codes = f'PQ{pq_m}'
+    # An HNSW quantizer only pays off over many lists; a handful are scanned exactly.
+    quantizer = f'_HNSW{m}' if nlist >= 256 else ''
+    return f'IVF{nlist}{quantizer},{codes}'
+
+
+def item_digests(keys):
+    """Return 64-bit digests (int64) of item identity strings, for matching rows to items."""
+    return np.array([int.from_bytes(hashlib.blake2b(key.encode('utf-8'), digest_size=8)
+                                    .digest(), 'little', signed=True) for key in keys],
+                    dtype=np.int64)
 
 
 def write_faiss_index(index, path):
@@ -38,94 +148,308 @@ def write_faiss_index(index, path):
     return written
 
 
+def _rows_in(rows, rng):
+    rows = np.asarray(rows)
+    return rows[(rows >= rng[0]) & (rows < rng[1])]
+
+
 class VectorIndex:
-    """An IndexFlatIP whose rows are gallery items sorted by platform.
+    """A FAISS index whose rows are gallery items (see the module docstring).
 
     ``row_items[r]`` is the gallery item index of row ``r``; ``item_rows[i]`` the row of item
-    ``i`` (-1 when the item has no vector); ``bounds[c]:bounds[c + 1]`` the rows of platform
-    code ``c``.
+    ``i`` (-1 when the item has no vector); ``row_codes[r]`` the platform code of row ``r``;
+    ``row_keys[r]`` the digest of the item's identity when the index was built (or 0).
+    ``info`` says how it was built (type, factory, breadth, recall, timings).
     """
 
-    def __init__(self, index, row_items, bounds, n_items):
+    def __init__(self, index, row_items, row_codes, n_items, row_keys=None, info=None,
+                 settings=None):
         """Wrap a built index (use :meth:`build` or :meth:`load`)."""
         self.index = index
+        self.settings = settings or IndexSettings()
         self.row_items = np.asarray(row_items, dtype=np.int64)
-        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.row_codes = np.asarray(row_codes, dtype=np.int8)
+        self.row_keys = (np.zeros(len(self.row_items), dtype=np.int64) if row_keys is None
+                         else np.asarray(row_keys, dtype=np.int64))
         self.item_rows = np.full(n_items, -1, dtype=np.int64)
         self.item_rows[self.row_items] = np.arange(len(self.row_items))
         self.dim = index.d
-        # A zero-copy view of the index's vectors (valid while self.index lives, which it does:
-        # the index is never modified after build).
-        total = index.ntotal * index.d
-        self.matrix = (faiss.rev_swig_ptr(index.get_xb(), total).reshape(index.ntotal, index.d)
-                       if total else np.zeros((0, index.d), dtype=np.float32))
+        self.info = dict(info or {})
+        self.info.setdefault('type', 'flat')
+        self._ivf = faiss.try_extract_index_ivf(index)
+        self._hnsw = faiss.downcast_index(index) if isinstance(
+            faiss.downcast_index(index), faiss.IndexHNSW) else None
+        self._selections = {}
+        self._direct_map = False
+        self.matrix = self._flat_matrix()
+
+    def _flat_matrix(self):
+        """Return a zero-copy view of a flat index's vectors (None for other types)."""
+        flat = faiss.downcast_index(self.index)
+        if not isinstance(flat, faiss.IndexFlat):
+            return None
+        total = flat.ntotal * flat.d
+        return (faiss.rev_swig_ptr(flat.get_xb(), total).reshape(flat.ntotal, flat.d)
+                if total else np.zeros((0, flat.d), dtype=np.float32))
 
     def __len__(self):
         return int(self.index.ntotal)
 
+    @property
+    def kind(self):
+        """Return the index type name ('flat', 'ivf_hnsw_pq', ...)."""
+        return self.info['type']
+
+    # ------------------------------------------------------------------ building
+
     @classmethod
-    def build(cls, vectors, item_indices, platform_codes, n_items):
-        """Build from vectors of items ``item_indices`` with platform codes (any order)."""
-        vectors = np.asarray(vectors, dtype=np.float32)
+    def build(cls, vectors, item_indices, platform_codes, n_items, settings=None,
+              item_keys=None, log=None):
+        """Build from vectors of items ``item_indices`` with platform codes (any order).
+
+        ``vectors`` may be any array-like that slices into float32 rows (a memory map or a
+        chunk generator): it is read in chunks, so the vectors need not fit in memory. Rows are
+        sorted by platform, then by item. ``item_keys`` (int64 digests, :func:`item_digests`)
+        let a later build recognise the items again (:meth:`add`).
+        """
+        settings = IndexSettings.from_section(settings)
+        say = log or (lambda message: None)
         item_indices = np.asarray(item_indices, dtype=np.int64)
         codes = np.asarray(platform_codes, dtype=np.int64)
         order = np.lexsort((item_indices, codes))  # by platform, then manifest order
-        index = faiss.IndexFlatIP(int(vectors.shape[1]))
-        if len(order):
-            index.add(np.ascontiguousarray(vectors[order]))
-        bounds = np.searchsorted(codes[order], np.arange(len(PLATFORMS) + 1), side='left')
-        return cls(index, item_indices[order], bounds, n_items)
+        n, dim = len(order), int(vectors.shape[1])
+        kind = resolve_type(settings, n)
+        factory = factory_string(kind, dim, n, settings)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        info = {'type': kind, 'factory': factory, 'rows': n}
+        start = time.perf_counter()
+        sample = np.zeros(0, dtype=np.int64)
+        if not index.is_trained:
+            rng = np.random.default_rng(settings.seed)
+            ivf = faiss.try_extract_index_ivf(index)
+            size = settings.train_size or max(10_000, 40 * (ivf.nlist if ivf else 1))
+            sample = np.sort(rng.choice(n, size=min(n, size), replace=False))
+            say(f'training {factory} on {len(sample)} of {n} vectors')
+            index.train(np.ascontiguousarray(_take(vectors, order[sample]), dtype=np.float32))
+        info['trained_rows'] = int(len(sample))
+        info['train_s'] = time.perf_counter() - start
+        built = cls(index, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8), n_items,
+                    info=info, settings=settings)
+        start = time.perf_counter()
+        for lo in range(0, n, _CHUNK):
+            rows = order[lo:lo + _CHUNK]
+            built._append(_take(vectors, rows), item_indices[rows], codes[rows],
+                          None if item_keys is None else np.asarray(item_keys)[rows])
+            if n > _CHUNK:
+                say(f'added {min(n, lo + _CHUNK)} of {n} vectors')
+        built.info['add_s'] = time.perf_counter() - start
+        built.measure_recall(vectors, order, held_out=sample, log=say)
+        return built
+
+    def _append(self, vectors, items, codes, keys=None):
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(vectors):
+            self.index.add(vectors)
+        self.row_items = np.concatenate([self.row_items, np.asarray(items, dtype=np.int64)])
+        self.row_codes = np.concatenate([self.row_codes, np.asarray(codes, dtype=np.int8)])
+        self.row_keys = np.concatenate([self.row_keys, np.zeros(len(items), dtype=np.int64)
+                                        if keys is None else np.asarray(keys, dtype=np.int64)])
+        self.item_rows[np.asarray(items, dtype=np.int64)] = np.arange(
+            len(self.row_items) - len(items), len(self.row_items))
+        self._selections = {}
+        self._direct_map = False
+        self.matrix = self._flat_matrix()
+
+    def add(self, vectors, item_indices, platform_codes, item_keys=None):
+        """Append rows to this (trained) index without retraining it; returns the row count.
+
+        Appended rows are not sorted by platform: platform filters then use a bitmap
+        selector. Recall is re-measured by the caller when it matters (:meth:`measure_recall`).
+        """
+        self._append(vectors, item_indices, platform_codes, item_keys)
+        self.info['rows'] = len(self)
+        return len(self)
+
+    def remap_items(self, row_items, n_items):
+        """Point rows at new gallery positions (the manifest was reordered or grew)."""
+        self.row_items = np.asarray(row_items, dtype=np.int64)
+        self.item_rows = np.full(n_items, -1, dtype=np.int64)
+        self.item_rows[self.row_items] = np.arange(len(self.row_items))
+
+    # ------------------------------------------------------------------ recall
+
+    def measure_recall(self, vectors, order=None, held_out=(), log=None):
+        """Measure recall@10 against an exact scan on held-out rows; store it in ``info``.
+
+        ``vectors[order[r]]`` is the vector of row ``r`` (``order`` None: row ``r`` itself).
+        The queries are up to ``recall_queries`` rows outside the training sample
+        ``held_out``; each query's own row is left out of both lists. A flat index is exact
+        by construction (recall 1). Types whose breadth is not configured get the smallest
+        breadth reaching ``target_recall`` (or the widest tried).
+        """
+        n = len(self)
+        settings = self.settings
+        if self.kind == 'flat' or n <= RECALL_K + 1:
+            self.info.update(recall_at_10=1.0, recall_queries=0, breadth=None, recall_rows=n)
+            return 1.0
+        say = log or (lambda message: None)
+        rng = np.random.default_rng(settings.seed + 1)
+        pool = np.setdiff1d(np.arange(n), np.asarray(held_out, dtype=np.int64))
+        if len(pool) < 10:
+            pool = np.arange(n)
+        queries_rows = np.sort(rng.choice(pool, size=min(len(pool), settings.recall_queries),
+                                          replace=False))
+        source = np.arange(n) if order is None else np.asarray(order)
+        queries = np.ascontiguousarray(_take(vectors, source[queries_rows]), dtype=np.float32)
+        start = time.perf_counter()
+        exact = _exact_top(vectors, source, queries, RECALL_K + 1)
+        say(f'exact top-{RECALL_K} of {len(queries)} held-out vectors in '
+            f'{time.perf_counter() - start:.1f} s')
+        truth = _drop_self(exact, queries_rows)
+        name, configured = self._breadth_setting()
+        breadths = ([configured] if configured else
+                    [b for b in _BREADTHS if b <= self._breadth_max()] or [self._breadth_max()])
+        recall, breadth, last = 0.0, breadths[-1], None
+        for step in breadths:
+            self._set_breadth(step)
+            _, found = self.index.search(queries, RECALL_K + 1)
+            got = _recall(_drop_self(found, queries_rows), truth)
+            say(f'{name} {step}: recall@{RECALL_K} {got:.3f}')
+            if last is not None and got - last[0] < 0.002:
+                break  # a plateau under the target (the codes' limit): a wider search buys nothing
+            recall, breadth, last = got, step, (got, step)
+            if got >= settings.target_recall:
+                break
+        self._set_breadth(breadth)
+        self.info.update(recall_at_10=float(recall), recall_queries=int(len(queries)),
+                         recall_rows=n, breadth=int(breadth), breadth_name=name,
+                         recall_method='held-out gallery vectors, own row excluded')
+        return recall
+
+    def _breadth_setting(self):
+        if self._ivf is not None:
+            return 'nprobe', self.settings.nprobe
+        return 'efSearch', self.settings.ef_search
+
+    def _breadth_max(self):
+        return int(self._ivf.nlist) if self._ivf is not None else 4096
+
+    def _set_breadth(self, breadth):
+        if self._ivf is not None:
+            self._ivf.nprobe = int(breadth)
+            quantizer = faiss.downcast_index(self._ivf.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                quantizer.hnsw.efSearch = max(int(breadth) * 2, 64)
+        elif self._hnsw is not None:
+            self._hnsw.hnsw.efSearch = int(breadth)
+
+    def _params(self, selector, share):
+        """Search parameters with ``selector``, the breadth widened by 1 / ``share``."""
+        breadth = self.info.get('breadth')
+        if self._ivf is not None and breadth:
+            nprobe = int(min(self._ivf.nlist, math.ceil(breadth / max(share, 1e-9))))
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+            quantizer = faiss.downcast_index(self._ivf.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                inner = faiss.SearchParametersHNSW(efSearch=max(2 * nprobe, 64))
+                params.quantizer_params = inner
+                params.referenced_objects = [inner]  # keeps it alive as long as params
+            return params
+        if self._hnsw is not None and breadth:
+            ef = int(min(65536, math.ceil(breadth / max(share, 1e-9))))
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+        return faiss.SearchParameters(sel=selector)
+
+    # ------------------------------------------------------------------ searching
 
     def nbytes(self):
-        """Bytes held by the vectors and the row tables."""
-        return int(self.matrix.nbytes + self.row_items.nbytes + self.item_rows.nbytes)
+        """Bytes held in memory by the index (codes, lists, graph) and the row tables."""
+        tables = (self.row_items.nbytes + self.item_rows.nbytes + self.row_codes.nbytes
+                  + self.row_keys.nbytes)
+        if self.matrix is not None:
+            return int(self.matrix.nbytes + tables)
+        return int(_index_bytes(self.index) + tables)
+
+    def platform_selection(self, codes):
+        """Return ``(lo, hi)`` when the rows of platform ``codes`` are one range, else rows.
+
+        Rows of a full build are sorted by platform (one range per platform set the queries
+        use); rows appended later make some sets a scattered list of rows.
+        """
+        codes = tuple(sorted(codes))
+        found = self._selections.get(codes)
+        if found is None:
+            if codes == ALL_PLATFORMS:
+                found = (0, len(self))
+            else:
+                rows = np.flatnonzero(np.isin(self.row_codes, codes))
+                if not len(rows):
+                    found = (0, 0)
+                elif rows[-1] - rows[0] + 1 == len(rows):
+                    found = (int(rows[0]), int(rows[-1]) + 1)
+                else:
+                    found = rows
+            self._selections[codes] = found
+        return found
 
     def platform_range(self, platform):
-        """Return the (lo, hi) rows of a platform name."""
-        code = PLATFORM_CODES[platform]
-        return int(self.bounds[code]), int(self.bounds[code + 1])
+        """Return the (lo, hi) rows of a platform name (rows sorted by platform only)."""
+        found = self.platform_selection((PLATFORM_CODES[platform],))
+        if not isinstance(found, tuple):
+            raise ValueError('rows were appended after the build: not sorted by platform')
+        return found
+
+    def rows_of_platform(self, platform):
+        """Return the rows of a platform name (sorted)."""
+        found = self.platform_selection((PLATFORM_CODES[platform],))
+        return np.arange(*found) if isinstance(found, tuple) else found
 
     def rows_of_items(self, items):
         """Return the sorted rows of gallery items (items without a vector are left out)."""
         rows = self.item_rows[np.asarray(items, dtype=np.int64)]
         return np.sort(rows[rows >= 0])
 
-    def search(self, groups, k, rows=None):
-        """Search (query vector, lo, hi) groups; return (item indices, scores), best first.
+    def vectors(self, rows):
+        """Return the vectors of ``rows`` (decoded from their codes for compressed types)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.matrix is not None:
+            return self.matrix[rows]
+        if not len(rows):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self._ivf is not None and not self._direct_map:
+            self._ivf.make_direct_map()  # row -> (list, offset), 8 bytes a row, built once
+            self._direct_map = True
+        return self.index.reconstruct_batch(np.ascontiguousarray(rows))
 
-        Each group searches only rows lo..hi with its own query vector, k results each; the
-        merged list keeps the best k overall. A group covering every row runs the bare search.
-        ``rows`` (sorted row numbers, e.g. :meth:`rows_of_items` of the items inside a search
-        area) further restricts every group to those rows: the allowed rows of the group's
-        range go to FAISS as an ``IDSelectorBatch``, so the filter applies before top-k and a
-        filtered query still gets k results when k rows pass it.
+    def search(self, groups, k, rows=None):
+        """Search (query vector, platform codes) groups; return (item indices, scores).
+
+        Each group searches only the rows of its platforms with its own query vector, k
+        results each; the merged list keeps the best k overall. ``rows`` (sorted row numbers,
+        e.g. :meth:`rows_of_items` of the items inside a search area) further restricts every
+        group to those rows, inside the search (module docstring): a filtered query still gets
+        k results when k rows pass it.
         """
         items, scores = [], []
-        for vector, lo, hi in groups:
-            if hi <= lo:
-                continue
-            allowed = None
+        n = len(self)
+        for vector, codes in groups:
+            selection = self.platform_selection(codes)
             if rows is not None:
-                allowed = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
-                if not len(allowed):
-                    continue
-                if len(allowed) == hi - lo:
-                    allowed = None  # the whole range passes: the range selector is enough
+                allowed = (_rows_in(rows, selection) if isinstance(selection, tuple)
+                           else np.intersect1d(rows, selection, assume_unique=True))
+                selection = allowed
+            count = (selection[1] - selection[0] if isinstance(selection, tuple)
+                     else len(selection))
+            if count <= 0:
+                continue
             query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-            kk = min(k, hi - lo if allowed is None else len(allowed))
-            if allowed is not None:
-                ids = np.ascontiguousarray(allowed, dtype=np.int64)
-                selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
-                params = faiss.SearchParameters(sel=selector)
-                dist, rows_found = self.index.search(query, kk, params=params)
-            elif lo == 0 and hi == len(self):
-                dist, rows_found = self.index.search(query, kk)
+            kk = min(k, count)
+            if not isinstance(selection, tuple) and count <= self.settings.exact_filter_max:
+                found, dist = _best(self.vectors(selection) @ query[0], selection, kk)
             else:
-                params = faiss.SearchParameters(sel=faiss.IDSelectorRange(lo, hi))
-                dist, rows_found = self.index.search(query, kk, params=params)
-            keep = rows_found[0] >= 0
-            items.append(self.row_items[rows_found[0][keep]])
-            scores.append(dist[0][keep])
+                found, dist = self._search(query, kk, selection, count / max(n, 1))
+            items.append(self.row_items[found])
+            scores.append(dist)
         if not items:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         items, scores = np.concatenate(items), np.concatenate(scores)
@@ -134,28 +458,93 @@ class VectorIndex:
             items, scores = items[order], scores[order]
         return items, scores
 
+    def _search(self, query, k, selection, share):
+        if isinstance(selection, tuple) and selection == (0, len(self)):
+            params = self._params(None, 1.0)
+        elif isinstance(selection, tuple):
+            params = self._params(faiss.IDSelectorRange(*selection), share)
+        else:
+            bits = np.zeros(len(self), dtype=bool)
+            bits[selection] = True
+            packed = np.packbits(bits, bitorder='little')
+            selector = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(packed))
+            params = self._params(selector, share)
+            params.referenced_objects = list(getattr(params, 'referenced_objects', None)
+                                             or []) + [packed]
+        dist, found = self.index.search(query, k, params=params)
+        keep = found[0] >= 0
+        return found[0][keep], dist[0][keep]
+
     def scores_for(self, items, vectors):
         """Inner products of items with per-item query vectors; NaN where an item has no row."""
         rows = self.item_rows[np.asarray(items, dtype=np.int64)]
         out = np.full(len(rows), np.nan, dtype=np.float64)
         have = rows >= 0
         if have.any():
-            out[have] = np.einsum('ij,ij->i', self.matrix[rows[have]],
+            out[have] = np.einsum('ij,ij->i', self.vectors(rows[have]),
                                   np.asarray(vectors, dtype=np.float32)[have])
         return out
 
+    # ------------------------------------------------------------------ persistence
+
     def save(self, path, meta):
-        """Write the index and a JSON row table (``meta`` adds identity/fingerprint)."""
+        """Write the index, its row table and the JSON meta (``meta`` adds identity etc.).
+
+        The two data files get new names (``NAME.<token>.faiss``, ``NAME.<token>.rows.npy``)
+        and the JSON, written atomically last, names them: it is the commit. A build or save
+        interrupted at any point leaves the previous JSON naming the previous, intact files,
+        so the previous index stays usable. Files no JSON names are deleted after the commit.
+        """
         path = Path(path)
-        size, digest = write_faiss_index(self.index, path.with_suffix('.faiss'))
+        token = secrets.token_hex(6)
+        faiss_path = path.with_name(f'{path.name}.{token}.faiss')
+        rows_path = path.with_name(f'{path.name}.{token}.rows.npy')
+        table = np.stack([self.row_items, self.row_keys, self.row_codes.astype(np.int64)],
+                         axis=1)
+        data = npy_bytes(table)
+        atomic_write_bytes(rows_path, data)
+        size, digest = write_faiss_index(self.index, faiss_path)
         atomic_write_json(path.with_suffix('.json'), dict(
-            meta, row_items=self.row_items.tolist(), bounds=self.bounds.tolist(),
-            faiss_bytes=size, faiss_sha256=digest))
+            meta, format=FORMAT, **self.info, faiss_file=faiss_path.name, faiss_bytes=size,
+            faiss_sha256=digest, rows_file=rows_path.name, rows_bytes=len(data),
+            rows_sha256=hashlib.sha256(data).hexdigest()))
+        self.sweep(path, keep=(faiss_path.name, rows_path.name))
 
     @staticmethod
-    def _meta(path, expect):
-        """Return the row table if it matches ``expect``, None when absent or out of date."""
-        table = path.with_suffix('.json')
+    def files(path):
+        """Return the data files of the index at ``path`` the JSON names (or an empty list)."""
+        path = Path(path)
+        try:
+            meta = read_json(path.with_suffix('.json'))
+            return [path.parent / meta[key] for key in ('faiss_file', 'rows_file')]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    @staticmethod
+    def sweep(path, keep=()):
+        """Delete the data and temp files of the index at ``path`` except those in ``keep``.
+
+        ``keep=()`` with the JSON removed first deletes the whole index. Only ``cgrs index``
+        writes an index, one run per state folder, so no other writer's temp file is hit.
+        """
+        path = Path(path)
+        for file in path.parent.glob(f'{path.name}.*'):
+            data = file.name.endswith(('.faiss', '.rows.npy'))
+            if file.name not in keep and data:
+                file.unlink(missing_ok=True)
+        for file in path.parent.glob(f'.{path.name}.*.tmp'):
+            file.unlink(missing_ok=True)
+
+    @classmethod
+    def remove(cls, path):
+        """Delete a saved index (JSON first, so no half-deleted index is ever read)."""
+        Path(path).with_suffix('.json').unlink(missing_ok=True)
+        cls.sweep(path)
+
+    @staticmethod
+    def read_meta(path):
+        """Return the saved JSON meta of an index (None when absent); StateError if unreadable."""
+        table = Path(path).with_suffix('.json')
         if not table.exists():
             return None
         try:
@@ -164,65 +553,161 @@ class VectorIndex:
             raise StateError(table, f'unreadable JSON: {exc}') from None
         if not isinstance(meta, dict):
             raise StateError(table, 'it is not a JSON object')
+        if meta.get('format') == FORMAT and not all(
+                isinstance(meta.get(key), str) and '/' not in meta[key]
+                and meta[key].startswith(Path(path).name + '.')
+                for key in ('faiss_file', 'rows_file')):
+            raise StateError(table, 'it does not name its data files (faiss_file, rows_file)')
+        return meta
+
+    @classmethod
+    def _meta(cls, path, expect):
+        """Return the meta if it matches ``expect``, None when absent or out of date."""
+        meta = cls.read_meta(path)
+        if meta is None or meta.get('format') != FORMAT:
+            return None  # absent, or written before this format: rebuilt, nothing is wrong
         if any(meta.get(key) != value for key, value in expect.items()):
             return None
-        rows, bounds = meta.get('row_items'), meta.get('bounds')
-        if not (isinstance(rows, list) and isinstance(bounds, list)
-                and all(isinstance(v, int) for v in rows + bounds)
-                and len(bounds) == len(PLATFORMS) + 1 and bounds[0] == 0
-                and bounds[-1] == len(rows) and bounds == sorted(bounds)):
-            raise StateError(table, 'its row table (row_items, bounds) is malformed')
         return meta
 
     @classmethod
     def check(cls, path, expect):
         """Tell whether the saved index is current and intact, for ``cgrs index``.
 
-        Returns True when it is (sizes and SHA-256 match), False when it is absent, out of date
-        or written before checksums were recorded (rewrite it); raises StateError naming the
-        damaged file.
-        """
-        path = Path(path)
-        meta = cls._meta(path, expect)
-        if meta is None or 'faiss_sha256' not in meta:
-            return False
-        cls._check_faiss(path.with_suffix('.faiss'), meta)
-        return True
-
-    @staticmethod
-    def _check_faiss(faiss_path, meta):
-        try:
-            size = faiss_path.stat().st_size
-        except OSError as exc:
-            raise StateError(faiss_path, f'cannot read it ({exc.strerror or exc})') from None
-        if 'faiss_bytes' in meta and size != meta['faiss_bytes']:
-            raise StateError(faiss_path, f'it is {size} bytes, {faiss_path.stem}.json '
-                                         f'recorded {meta["faiss_bytes"]}')
-        if 'faiss_sha256' in meta and sha256_file(faiss_path) != meta['faiss_sha256']:
-            raise StateError(faiss_path, f'its SHA-256 differs from the one '
-                                         f'{faiss_path.stem}.json recorded')
-
-    @classmethod
-    def load(cls, path, n_items, expect):
-        """Read an index saved by :meth:`save` if its meta matches ``expect``; else None.
-
-        Raises StateError naming the file when the index is damaged (checked on every load:
-        the ``.faiss`` size and SHA-256, the row table's shape; an index saved before checksums
-        were recorded is still read, its damage found only where FAISS or the row table see it).
+        Returns True when it is (sizes and SHA-256 match), False when it is absent or out of
+        date (rewrite it); raises StateError naming the damaged file.
         """
         path = Path(path)
         meta = cls._meta(path, expect)
         if meta is None:
-            return None
-        faiss_path = path.with_suffix('.faiss')
-        cls._check_faiss(faiss_path, meta)
+            return False
+        cls.check_files(path, meta)
+        return True
+
+    @staticmethod
+    def _check_file(file, meta, prefix):
         try:
-            index = faiss.read_index(str(faiss_path))
+            size = file.stat().st_size
+        except OSError as exc:
+            raise StateError(file, f'cannot read it ({exc.strerror or exc})') from None
+        json_name = file.name.split('.')[0] + '.json'
+        if size != meta.get(f'{prefix}_bytes'):
+            raise StateError(file, f'it is {size} bytes, {json_name} recorded '
+                                   f'{meta.get(f"{prefix}_bytes")}')
+        if sha256_file(file) != meta.get(f'{prefix}_sha256'):
+            raise StateError(file, f'its SHA-256 differs from the one {json_name} recorded')
+
+    @classmethod
+    def check_files(cls, path, meta):
+        """Check both data files against the sizes and SHA-256 ``meta`` recorded."""
+        cls._check_file(path.parent / meta['faiss_file'], meta, 'faiss')
+        cls._check_file(path.parent / meta['rows_file'], meta, 'rows')
+
+    @classmethod
+    def load(cls, path, n_items, expect, settings=None, mmap=None, meta=None):
+        """Read an index saved by :meth:`save` if its meta matches ``expect``; else None.
+
+        Raises StateError naming the file when the index is damaged (checked on every load:
+        both files' sizes and SHA-256, the row table's shape). ``mmap`` (default
+        ``index.mmap``) maps the file read-only instead of reading it: :meth:`add` then needs
+        ``mmap=False``. ``meta``: the JSON already read and checked (skips both).
+        """
+        settings = IndexSettings.from_section(settings)
+        path = Path(path)
+        if meta is None:
+            meta = cls._meta(path, expect)
+            if meta is None:
+                return None
+            cls.check_files(path, meta)
+        faiss_path = path.parent / meta['faiss_file']
+        mmap = settings.mmap if mmap is None else mmap
+        flags = 0
+        if mmap:  # inverted lists map through OnDiskInvertedLists, flat codes through IFC
+            flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if str(
+                meta.get('type', '')).startswith('ivf') else faiss.IO_FLAG_MMAP_IFC)
+        try:
+            index = faiss.read_index(str(faiss_path), flags)
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else 'read error'
             raise StateError(faiss_path, f'FAISS cannot read it: {reason}') from None
-        rows = meta['row_items']
-        if index.ntotal != len(rows) or (rows and not 0 <= min(rows) <= max(rows) < n_items):
-            raise StateError(path.with_suffix('.json'), f'its row table does not fit the '
-                                                        f'{index.ntotal}-row index')
-        return cls(index, rows, meta['bounds'], n_items)
+        rows_path = path.parent / meta['rows_file']
+        try:
+            table = np.load(str(rows_path), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise StateError(rows_path, f'not a readable .npy array ({exc})') from None
+        if (table.ndim != 2 or table.shape != (index.ntotal, 3)
+                or (len(table) and not 0 <= table[:, 0].min() <= table[:, 0].max() < n_items)
+                or (len(table) and not 0 <= table[:, 2].min() <= table[:, 2].max()
+                    < len(PLATFORMS))):
+            raise StateError(rows_path, f'its row table does not fit the {index.ntotal}-row '
+                                        'index')
+        info = {key: meta[key] for key in _INFO_KEYS if key in meta}
+        loaded = cls(index, table[:, 0], table[:, 2], n_items, row_keys=table[:, 1], info=info,
+                     settings=settings)
+        if loaded.info.get('breadth'):
+            loaded._set_breadth(loaded.info['breadth'])
+        return loaded
+
+
+_INFO_KEYS = ('type', 'factory', 'rows', 'trained_rows', 'train_s', 'add_s', 'recall_at_10',
+              'recall_queries', 'recall_rows', 'breadth', 'breadth_name', 'recall_method',
+              'added_since_training')
+
+
+def _take(vectors, rows):
+    """Return ``vectors[rows]`` as float32, reading sorted runs (memory maps, generators)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(vectors, np.ndarray) and not isinstance(vectors, np.memmap):
+        return np.asarray(vectors[rows], dtype=np.float32)
+    order = np.argsort(rows, kind='stable')
+    out = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
+    out[order] = np.asarray(vectors[rows[order]], dtype=np.float32)
+    return out
+
+
+def _exact_top(vectors, source, queries, k):
+    """Exact top-k rows for ``queries`` over rows ``r`` with vectors ``vectors[source[r]]``."""
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for lo in range(0, len(source), _CHUNK):
+        block = _take(vectors, source[lo:lo + _CHUNK])
+        scores = queries @ block.T
+        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        merged = np.concatenate([best, np.take_along_axis(scores, top, 1)], axis=1)
+        merged_rows = np.concatenate([best_rows, top + lo], axis=1)
+        keep = np.argsort(-merged, axis=1, kind='stable')[:, :k]
+        best = np.take_along_axis(merged, keep, 1)
+        best_rows = np.take_along_axis(merged_rows, keep, 1)
+    return best_rows
+
+
+def _drop_self(found, query_rows):
+    """Drop each query's own row from its result list; keep the first RECALL_K others."""
+    out = np.full((len(found), RECALL_K), -1, dtype=np.int64)
+    for i, (row_list, own) in enumerate(zip(found, query_rows)):
+        others = row_list[(row_list != own) & (row_list >= 0)][:RECALL_K]
+        out[i, :len(others)] = others
+    return out
+
+
+def _recall(found, truth):
+    hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth))
+    return hits / max(1, int((truth >= 0).sum()))
+
+
+def _best(scores, rows, k):
+    """Return the rows and scores of the best ``k`` of ``scores`` (best first)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    top = top[np.argsort(-scores[top], kind='stable')]
+    return np.asarray(rows)[top], scores[top]
+
+
+def _index_bytes(index):
+    """Estimate the bytes an index holds in memory: its codes, ids, centroids or graph."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:  # codes + 8-byte ids per row, plus the centroids
+        return index.ntotal * (ivf.code_size + 8) + ivf.nlist * index.d * 4
+    hnsw = faiss.downcast_index(index)
+    links = 2 * hnsw.hnsw.nb_neighbors(0) * 4 if isinstance(hnsw, faiss.IndexHNSW) else 0
+    return index.ntotal * (index.d * 4 + links)

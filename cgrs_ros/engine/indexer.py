@@ -31,8 +31,9 @@ from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder
                                       load_text_encoder, text_encoder_identity)
 from cgrs_ros.engine.errors import ConfigError, GalleryError, StateError
 from cgrs_ros.engine.gallery import decode_image, load_gallery
-from cgrs_ros.engine.index import VectorIndex
-from cgrs_ros.engine.retriever import build_image_index, image_index_fingerprint, image_index_path
+from cgrs_ros.engine.index import PLATFORM_CODES, resolve_type, VectorIndex
+from cgrs_ros.engine.retriever import (build_image_index, image_index_fingerprint,
+                                       image_index_path, image_item_keys)
 from cgrs_ros.engine.storage import default_state_dir, EmbeddingStore, FileHashCache, sha256_text
 import numpy as np
 from tqdm import tqdm
@@ -78,6 +79,7 @@ class IndexSummary:
     captioned: int = 0
     state_dir: str = ''
     elapsed_s: float = 0.0
+    image_index: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self):
         """Return the summary as plain data (for --json)."""
@@ -185,8 +187,13 @@ def embed_caption_texts(state_dir, text_config, texts, progress=False):
     return keys, encoder.identity
 
 
-def index_gallery(gallery_dir, config, state_dir=None, progress=True):
+def index_gallery(gallery_dir, config, state_dir=None, progress=True, replace_index=False,
+                  log=None):
     """Index a gallery incrementally; returns an :class:`IndexSummary`.
+
+    ``replace_index``: write a new image index even when its recall@10 is lower than the saved
+    one's (otherwise the saved one is kept and ``summary.image_index`` says why). ``log``
+    hears the index build's steps (training, tuning) as lines of text.
 
     Raises GalleryError when no manifest row is usable and ConfigError when there is nothing
     to search with (no image encoder and no captions).
@@ -241,7 +248,8 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
             dead = len(have - live)
             if dead > max(CHECKPOINT_ROWS, len(live)):
                 store.compact(keep=live)  # most rows belong to images no longer in the gallery
-            outcome = _persist_image_index(state, gallery, hashes, identity, store, summary)
+            outcome = _persist_image_index(state, gallery, hashes, identity, store, summary,
+                                           config, replace_index, log)
             if outcome == 'repaired':
                 rebuilt.update(hashes)
 
@@ -294,28 +302,123 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True):
     return summary
 
 
-def _persist_image_index(state, gallery, hashes, identity, store, summary):
+# Index settings that change what a build produces (mmap, exact_filter_max and recall_queries
+# only change how it is opened, searched or measured).
+_BUILD_KEYS = ('type', 'flat_max', 'pq_min', 'nlist', 'nprobe', 'ef_search', 'hnsw_m', 'pq_m',
+               'train_size', 'target_recall', 'seed')
+# Recall a replacement may lose against the index it replaces before it needs --replace-index.
+RECALL_SLACK = 0.005
+
+
+def _build_settings(settings):
+    return {key: getattr(settings, key) for key in _BUILD_KEYS}
+
+
+def _index_report(index, action, note=''):
+    info = index.info
+    return {'action': action, 'type': info.get('type'), 'factory': info.get('factory'),
+            'rows': len(index), 'recall_at_10': info.get('recall_at_10'),
+            'recall_rows': info.get('recall_rows'), 'breadth': info.get('breadth'),
+            'breadth_name': info.get('breadth_name'), 'train_s': info.get('train_s'),
+            'add_s': info.get('add_s'), 'note': note}
+
+
+def _try_incremental(path, meta, gallery, hashes, identity, store, config, digests):
+    """Append new items to the saved index when only items were added; else None.
+
+    The saved rows are matched to today's items by digest (image id, platform, content), so
+    a reordered manifest still matches. Any saved row whose item left or changed, a change
+    of index settings or of the type ``auto`` picks for the new size, or growth past twice
+    the rows the index was trained with, means a full build instead.
+    """
+    if (meta is None or meta.get('format') != 2 or meta.get('identity') != identity
+            or meta.get('build') != _build_settings(config.index)):
+        return None
+    try:
+        VectorIndex.check_files(path, meta)
+        old = VectorIndex.load(path, len(gallery), {}, settings=config.index, mmap=False,
+                               meta=meta)
+    except StateError:
+        return None
+    position = {int(d): i for i, d in enumerate(digests) if hashes[i]}
+    old_items = [position.get(int(d), -1) for d in old.row_keys]
+    if -1 in old_items or len(set(old_items)) != len(old_items):
+        return None
+    have = set(old_items)
+    new_items = [i for i in range(len(gallery)) if i not in have and hashes[i]]
+    keys, matrix = store.lookup({hashes[i] for i in new_items})
+    row_of = {key: r for r, key in enumerate(keys)}
+    new_items = [i for i in new_items if hashes[i] in row_of]
+    total = len(old) + len(new_items)
+    built_with = len(old) - old.info.get('added_since_training', 0)
+    if resolve_type(config.index, total) != old.kind or (
+            old.kind != 'flat' and total > 2 * built_with):
+        return None
+    old.remap_items(old_items, len(gallery))
+    if new_items:
+        codes = [PLATFORM_CODES[gallery.items[i].platform] for i in new_items]
+        old.add(matrix[[row_of[hashes[i]] for i in new_items]], new_items, codes,
+                digests[new_items])
+        old.info['added_since_training'] = (old.info.get('added_since_training', 0)
+                                            + len(new_items))
+    return old, len(new_items)
+
+
+def _persist_image_index(state, gallery, hashes, identity, store, summary, config,
+                         replace_index=False, log=None):
     """Write the FAISS image index for the current gallery unless it is current and intact.
 
-    Returns 'current', 'written' (it was out of date), 'repaired' (it was damaged: the damage
-    is added to ``summary.repairs``) or 'none' (no image has an embedding).
+    Returns 'current', 'added' (new items appended to the saved index, no retraining),
+    'written' (built afresh), 'repaired' (it was damaged: the damage is added to
+    ``summary.repairs``), 'refused' (the new build's recall@10 is lower than the saved
+    index's and ``replace_index`` is off: the saved index stays, ``summary.image_index``
+    says why) or 'none' (no image has an embedding). ``summary.image_index`` reports the
+    index: type, rows, recall@10 and what was done.
     """
     path = image_index_path(state)
     expect = {'identity': identity,
-              'fingerprint': image_index_fingerprint(identity, gallery.items, hashes)}
-    damage = None
+              'fingerprint': image_index_fingerprint(identity, gallery.items, hashes),
+              'build': _build_settings(config.index)}
+    digests = image_item_keys(identity, gallery.items, hashes)
+    damage, meta = None, None
     try:
+        meta = VectorIndex.read_meta(path)
         if VectorIndex.check(path, expect):
+            current = VectorIndex.load(path, len(gallery), expect, settings=config.index,
+                                       mmap=True, meta=meta)
+            summary.image_index = _index_report(current, 'current')
             return 'current'
     except StateError as exc:
-        damage = exc
+        damage, meta = exc, None
+    grown = _try_incremental(path, meta, gallery, hashes, identity, store, config, digests)
+    if grown is not None:
+        index, added = grown
+        index.save(path, expect)
+        summary.image_index = _index_report(
+            index, 'added', f'{added} rows added to the saved index without retraining; '
+                            f'recall measured when it held {index.info.get("recall_rows")} '
+                            'rows')
+        return 'added'
     keys, matrix = store.load()
-    index = build_image_index(gallery, hashes, keys, matrix)
+    index = build_image_index(gallery, hashes, keys, matrix, config.index, identity, log)
     if index is None:  # no image could be embedded: leave no stale index behind
-        for suffix in ('.faiss', '.json'):
-            path.with_suffix(suffix).unlink(missing_ok=True)
+        VectorIndex.remove(path)
         return 'none'
+    # A rebuild with the same settings and type replaces the saved index as a matter of
+    # course; one that changes them must not lose recall without being told to.
+    old_recall = (meta or {}).get('recall_at_10') if (meta or {}).get('format') == 2 else None
+    new_recall = index.info['recall_at_10']
+    changed = (meta or {}).get('build') != expect['build'] or meta.get('type') != index.kind
+    if (old_recall is not None and changed and new_recall < old_recall - RECALL_SLACK
+            and not replace_index):
+        summary.image_index = _index_report(
+            index, 'refused',
+            f'kept the saved {meta.get("type")} index (recall@10 {old_recall:.3f}): the new '
+            f'{index.kind} index reaches only {new_recall:.3f}; raise index.target_recall or '
+            'index.nprobe, set index.type, or pass --replace-index to accept it')
+        return 'refused'
     index.save(path, expect)
+    summary.image_index = _index_report(index, 'built')
     if damage is None:
         return 'written'
     summary.repairs.append(f'{damage.path} was damaged ({damage.problem}); rebuilt the image '

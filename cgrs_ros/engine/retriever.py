@@ -39,7 +39,7 @@ from cgrs_ros.engine.errors import ConfigError, GalleryError, QueryError, StateE
 from cgrs_ros.engine.gallery import load_gallery, PLATFORMS
 from cgrs_ros.engine.image_query import (DEFAULT_QUERY_PLATFORM, no_match_reason,
                                          run_image_query)
-from cgrs_ros.engine.index import PLATFORM_CODES, VectorIndex
+from cgrs_ros.engine.index import IndexSettings, item_digests, PLATFORM_CODES, VectorIndex
 from cgrs_ros.engine.query_norm import remove_command_words, remove_orientation_words
 from cgrs_ros.engine.rerank import fuse
 from cgrs_ros.engine.rerankers import make_reranker
@@ -51,6 +51,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 SATELLITE = PLATFORM_CODES['satellite']
 MAX_QUERY_CHARS = 2000
+# Caption indexes (rebuilt in memory as captions arrive) and the in-memory stand-in for an
+# out-of-date image index are exact: no training, built in moments.
+FLAT = IndexSettings(type='flat')
 
 
 @dataclasses.dataclass
@@ -242,7 +245,7 @@ class Retriever:
         image_index, image_encoder = None, None
         if config.image_encoder.backend != 'none':
             identity = image_encoder_identity(config.image_encoder)
-            image_index = cls._load_image_index(state_dir, gallery, hashes, identity)
+            image_index = cls._load_image_index(state_dir, gallery, hashes, identity, config)
             if image_index is None or not len(image_index):
                 raise GalleryError(
                     f'no image embeddings for {identity} in {state_dir}; run `cgrs index '
@@ -272,11 +275,12 @@ class Retriever:
         return retriever
 
     @staticmethod
-    def _load_image_index(state_dir, gallery, hashes, identity):
+    def _load_image_index(state_dir, gallery, hashes, identity, config):
         expect = {'identity': identity,
                   'fingerprint': image_index_fingerprint(identity, gallery.items, hashes)}
         try:
-            index = VectorIndex.load(image_index_path(state_dir), len(gallery), expect)
+            index = VectorIndex.load(image_index_path(state_dir), len(gallery), expect,
+                                     settings=config.index)
         except StateError as exc:
             # Damaged, but derived data: rebuilt from the (checked) embeddings it came from,
             # the ranking is the same; `cgrs index` writes it again.
@@ -292,28 +296,33 @@ class Retriever:
             logger.info('image index out of date; building it from stored embeddings')
         store = EmbeddingStore.for_encoder(state_dir, 'image', identity)
         keys, matrix = store.load()
-        return build_image_index(gallery, hashes, keys, matrix)
+        # Exact: built in moments (no training); `cgrs index` persists the configured type.
+        return build_image_index(gallery, hashes, keys, matrix, FLAT)
 
     @classmethod
     def from_arrays(cls, gallery, config, image_encoder=None, image_vectors=None,
                     text_encoder=None, caption_texts=None, caption_vectors=None,
-                    reranker=None):
+                    reranker=None, log=None):
         """Build a retriever from in-memory vectors aligned with ``gallery.items``.
 
         ``image_vectors`` (n, d) and ``caption_vectors`` (n, d_text) are L2-normalized rows;
         ``caption_texts`` has one caption or None per item (rows of items without a caption
-        are ignored). Used by benchmarks and tests; :meth:`open` is the normal way in.
+        are ignored). The image index is of the type ``config.index`` asks for (``log``
+        hears its build steps); the caption index is exact. Used by benchmarks and tests;
+        :meth:`open` is the normal way in.
         """
         n = len(gallery)
         codes = [PLATFORM_CODES[item.platform] for item in gallery.items]
         image_index = None
         if image_vectors is not None:
-            image_index = VectorIndex.build(image_vectors, np.arange(n), codes, n)
+            image_index = VectorIndex.build(image_vectors, np.arange(n), codes, n,
+                                            settings=config.index, log=log)
         captions = None
         if caption_texts is not None:
             have = np.array([i for i, text in enumerate(caption_texts) if text], dtype=np.int64)
             index = (VectorIndex.build(np.asarray(caption_vectors)[have], have,
-                                       np.asarray(codes)[have], n) if len(have) else None)
+                                       np.asarray(codes)[have], n, settings=FLAT)
+                     if len(have) else None)
             captions = _CaptionState(index=index, texts=tuple(caption_texts), by_hash={})
         return cls(gallery, config, image_encoder=image_encoder, image_index=image_index,
                    text_encoder=text_encoder, captions=captions, reranker=reranker)
@@ -374,11 +383,11 @@ class Retriever:
             keep = np.ones(n, dtype=bool)
             keep[changed_items] = False
             old_items = old.index.row_items[keep[old.index.row_items]]
-            vectors = old.index.matrix[old.index.item_rows[old_items]]
+            vectors = old.index.vectors(old.index.item_rows[old_items])
             items = old_items
         items = np.concatenate([items, np.asarray(changed_items, dtype=np.int64)])
         vectors = np.concatenate([vectors, new_vectors])
-        index = VectorIndex.build(vectors, items, self._codes[items], n)
+        index = VectorIndex.build(vectors, items, self._codes[items], n, settings=FLAT)
         self._captions = _CaptionState(index=index, texts=tuple(texts), by_hash=by_hash,
                                        seq=newest)
         return len(changed_items)
@@ -439,23 +448,21 @@ class Retriever:
             raise QueryError(f'platform {platform!r} is not one of {", ".join(PLATFORMS)}')
 
     @staticmethod
-    def _groups(index, vectors, platform):
-        """(vector, lo, hi) search groups: one per run of platforms sharing a query vector.
+    def _groups(vectors, platform):
+        """(vector, platform codes) search groups: one per set of platforms sharing a vector.
 
-        Rows are sorted by platform (PLATFORMS order). Platforms get different vectors in
-        ``auto`` orientation mode (satellite) and with platform-expert encoders; consecutive
-        platforms with the same vector are searched as one range.
+        Platforms get different vectors in ``auto`` orientation mode (satellite) and with
+        platform-expert encoders; platforms with the same vector are searched together.
         """
         if platform is not None:
-            lo, hi = index.platform_range(platform)
-            return [(vectors[PLATFORM_CODES[platform]], lo, hi)]
+            code = PLATFORM_CODES[platform]
+            return [(vectors[code], (code,))]
         groups = []
-        for code, name in enumerate(PLATFORMS):
-            lo, hi = index.platform_range(name)
+        for code in range(len(PLATFORMS)):
             if groups and np.array_equal(groups[-1][0], vectors[code]):
-                groups[-1] = (groups[-1][0], groups[-1][1], hi)
+                groups[-1] = (groups[-1][0], groups[-1][1] + (code,))
             else:
-                groups.append((vectors[code], lo, hi))
+                groups.append((vectors[code], (code,)))
         return groups
 
     def _encode_query(self, encoder, threads, texts, sat_text, other_text):
@@ -516,7 +523,7 @@ class Retriever:
         stage('coarse', 0.5)
         if image_index is not None:
             items, coarse_scores = image_index.search(
-                self._groups(image_index, image_q, platform), k_search,
+                self._groups(image_q, platform), k_search,
                 rows=None if area is None else image_index.rows_of_items(area))
             coarse_scores = coarse_scores.astype(np.float64)
         t_coarse = time.perf_counter()
@@ -526,7 +533,7 @@ class Retriever:
         if caption_index is not None:
             if image_index is None or cfg.caption_channel == 'hybrid':
                 cap_items, cap_scores = caption_index.search(
-                    self._groups(caption_index, caption_q, platform), k_search,
+                    self._groups(caption_q, platform), k_search,
                     rows=None if area is None else caption_index.rows_of_items(area))
                 if image_index is None:
                     items, caption_scores = cap_items, cap_scores.astype(np.float64)
@@ -643,8 +650,21 @@ class Retriever:
                                on_stage=on_stage, near=near, query_platform=query_platform)
 
 
-def build_image_index(gallery, hashes, keys, matrix):
-    """Build the image VectorIndex for items whose content hash has a stored embedding."""
+def image_item_keys(identity, items, hashes):
+    """Return each item's int64 digest as an image index row knows it (id, platform, content).
+
+    It is what lets ``cgrs index`` add new items to a saved index instead of rebuilding it.
+    """
+    return item_digests(f'{identity}\t{item.image_id}\t{item.platform}\t{content or ""}'
+                        for item, content in zip(items, hashes))
+
+
+def build_image_index(gallery, hashes, keys, matrix, settings=None, identity='', log=None):
+    """Build the image VectorIndex for items whose content hash has a stored embedding.
+
+    ``settings``: the ``index`` config section (type, training, recall); ``identity`` (the
+    image encoder's) goes into each row's digest (:func:`image_item_keys`).
+    """
     row_of = {key: row for row, key in enumerate(keys)}
     items = np.array([i for i, content in enumerate(hashes) if content in row_of],
                      dtype=np.int64)
@@ -652,4 +672,7 @@ def build_image_index(gallery, hashes, keys, matrix):
         return None
     rows = [row_of[hashes[i]] for i in items]
     codes = [PLATFORM_CODES[gallery.items[i].platform] for i in items]
-    return VectorIndex.build(matrix[rows], items, codes, len(gallery))
+    digests = image_item_keys(identity, [gallery.items[i] for i in items],
+                              [hashes[i] for i in items])
+    return VectorIndex.build(matrix[rows], items, codes, len(gallery), settings=settings,
+                             item_keys=digests, log=log)
