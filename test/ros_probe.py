@@ -109,8 +109,10 @@ def engine_ready(heard):
 
 
 @contextlib.contextmanager
-def launched_stack(params_file, log, make_probe, ready_timeout=180.0):
+def launched_stack(params_file, log, make_probe, ready_timeout=180.0, args=()):
     """Start the stack with `cgrs launch` (captioning off) and yield (probe, process).
+
+    ``args`` are more launch arguments (``'console:=true'``).
 
     ``make_probe()`` builds the test's probe (it must listen to /diagnostics as 'diag'); the
     block runs once retrieval_node's engine is ready. Afterwards the probe is closed and the
@@ -119,7 +121,7 @@ def launched_stack(params_file, log, make_probe, ready_timeout=180.0):
     with open(log, 'w') as out:
         proc = subprocess.Popen(
             [sys.executable, '-m', 'cgrs_ros.cli', 'launch', f'params_file:={params_file}',
-             'captioning:=false'], env=dict(os.environ, PYTHONUNBUFFERED='1'),
+             'captioning:=false', *args], env=dict(os.environ, PYTHONUNBUFFERED='1'),
             stdout=out, stderr=subprocess.STDOUT)
     probe = None
     try:

@@ -26,7 +26,7 @@ from cgrs_ros.action import Retrieve
 from cgrs_ros.engine import geo
 from cgrs_ros.msg import RetrievalResult
 from cgrs_ros.nodes import convert
-from cgrs_ros.nodes.console.web import ConsoleApp, token_from
+from cgrs_ros.nodes.console.web import check_bind, ConsoleApp, token_from
 from cgrs_ros.nodes.datum import DATUM_PARAMETERS, resolve_datum
 from cgrs_ros.nodes.parameters import declare_parameters, Param
 from cgrs_ros.nodes.spin import spin_node
@@ -82,6 +82,9 @@ class ConsoleNode(Node):
     def __init__(self, **kwargs):
         super().__init__('console_node', **kwargs)
         self.params = declare_parameters(self, PARAMETERS)
+        self.web = None
+        token = token_from(self.params['console.token'])
+        check_bind(self.params['console.host'], token)  # before anything else: refuse early
         from cgrs_ros.engine.gallery import load_gallery
         gallery = load_gallery(self.params['gallery_dir'], check_images='exists')
         # The datum as retrieval_node derives it (the gallery's images that exist).
@@ -115,8 +118,7 @@ class ConsoleNode(Node):
         self._prior_timer = self.create_timer(1.0, self._ask_prior, callback_group=group)
 
         self.web = ConsoleApp(self, gallery, self._datum, self.params['console.host'],
-                              self.params['console.port'],
-                              token_from(self.params['console.token']),
+                              self.params['console.port'], token,
                               self.params['map_side_px'], self.params['map_tile_m'])
         port = self.web.start()
         self.get_logger().info(f'console at http://{self.params["console.host"]}:{port}/')
@@ -180,19 +182,17 @@ class ConsoleNode(Node):
             self._set_prior_values(changed)
 
     def _set_prior_values(self, values):
+        # retrieval_node sets latitude and longitude one event each: keep what is known.
         with self._lock:
             prior = dict(self._prior or {'lat': math.nan, 'lon': math.nan, 'radius_m': 300.0})
-            for key, field in zip(PRIOR_KEYS, ('lat', 'lon', 'radius_m')):
+            for key, name in zip(PRIOR_KEYS, ('lat', 'lon', 'radius_m')):
                 if key in values:
-                    prior[field] = values[key]
-            if math.isnan(prior['lat']) or math.isnan(prior['lon']):
-                self._prior = {'lat': math.nan, 'lon': math.nan, 'radius_m': prior['radius_m'],
-                               'set': False}
-            else:
+                    prior[name] = values[key]
+            prior['set'] = not (math.isnan(prior['lat']) or math.isnan(prior['lon']))
+            if prior['set']:
                 prior['x'], prior['y'] = self._xy(prior['lat'], prior['lon'])
-                self._prior = {**prior, 'set': True}
-            event = {'type': 'prior', 'prior': self._prior}
-        self.web.publish(event)
+            self._prior = prior
+        self.web.publish({'type': 'prior', 'prior': prior})
 
     # ---- what the page may ask (called on the web thread; futures bridged to asyncio) ----
     def _bridge(self, rclpy_future, convert_result):
@@ -274,7 +274,8 @@ class ConsoleNode(Node):
 
     def destroy_node(self):
         """Stop the web server, then destroy the node."""
-        self.web.stop()
+        if self.web is not None:
+            self.web.stop()
         return super().destroy_node()
 
 

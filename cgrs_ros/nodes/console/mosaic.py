@@ -44,11 +44,12 @@ def _auto_tile_m(xy):
     return float(np.clip(np.median(d.min(axis=1)), 20.0, 150.0))
 
 
-def render_mosaic(gallery, datum, max_side=1600, tile_m=0.0):
+def render_mosaic(gallery, datum, path_of, max_side=1600, tile_m=0.0):
     """Return ``(jpeg bytes, MapMeta)``: the satellite tiles of ``gallery`` placed in ``map``.
 
-    The extent is every image of the gallery (all platforms) plus a margin; images that cannot
-    be decoded are left out.
+    The extent is every image of the gallery (all platforms) plus a margin. ``path_of(item)``
+    returns the file to draw, or None for one the console may not serve; those and images
+    that cannot be decoded are left out.
     """
     items = list(gallery.items)
     xy = np.array([geo.geodetic_to_enu(i.lat, i.lon, i.alt, datum)[:2] for i in items]
@@ -65,8 +66,11 @@ def render_mosaic(gallery, datum, max_side=1600, tile_m=0.0):
     side = max(int(round(tile_m * scale)), 1)
     pasted = 0
     for k in sats:
+        path = path_of(items[k])
+        if path is None:
+            continue
         try:
-            with Image.open(gallery.path_of(items[k])) as image:
+            with Image.open(path) as image:
                 tile = image.convert('RGB').resize((side, side))
         except (OSError, ValueError):
             continue

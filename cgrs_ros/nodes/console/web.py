@@ -203,8 +203,8 @@ class ConsoleApp:
     def _mosaic(self):
         with self._map_lock:
             if self._map is None:
-                self._map = mosaic.render_mosaic(self.gallery, self.datum, self._map_side,
-                                                 self._tile_m)
+                self._map = mosaic.render_mosaic(self.gallery, self.datum, self._confined,
+                                                 self._map_side, self._tile_m)
             return self._map
 
     async def _map_meta(self, request):
@@ -216,19 +216,27 @@ class ConsoleApp:
         return web.Response(body=jpeg, content_type='image/jpeg',
                             headers={'Cache-Control': 'max-age=3600'})
 
+    def _confined(self, item):
+        """Return the resolved image file of ``item``, or None when it lies outside the gallery.
+
+        A symlink or a manifest path leading out of the gallery folder is never served.
+        """
+        path = Path(self.gallery.path_of(item)).resolve()
+        if path.is_relative_to(self._root):
+            return path
+        logger.warning('refused to serve %s: it lies outside the gallery %s', path, self._root)
+        return None
+
     def gallery_file(self, image_id):
         """Return the image file of ``image_id`` inside the gallery folder.
 
-        Raises HTTPNotFound for an unknown id and HTTPForbidden for a file that resolves
-        outside the gallery (a symlink or a manifest path leading out).
+        Raises HTTPNotFound for an unknown id and HTTPForbidden for a file outside the gallery.
         """
         item = self.gallery.get(image_id)
         if item is None:
             raise web.HTTPNotFound(text=f'no gallery image {image_id[:100]!r}')
-        path = Path(self.gallery.path_of(item)).resolve()
-        if not path.is_relative_to(self._root):
-            logger.warning('refused to serve %s: it lies outside the gallery %s', path,
-                           self._root)
+        path = self._confined(item)
+        if path is None:
             raise web.HTTPForbidden(text='that image lies outside the gallery folder')
         return path
 

@@ -56,6 +56,7 @@ function showResult(result) {
     img.alt = c.image_id;
     img.loading = 'lazy';
     img.src = '/thumb/' + encodeURIComponent(c.image_id);
+    img.addEventListener('error', () => img.replaceWith(el('div', 'no-image', 'image not served')));
     item.append(img);
     const body = el('div', 'body');
     body.append(el('div', 'title', `#${c.rank} ${c.image_id} · ${c.platform}` + (c.group_id ? ` · ${c.group_id}` : '')));
@@ -108,10 +109,12 @@ function drawMap() {
   const ctx = canvas.getContext('2d');
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const metre = m.width / (m.x_max - m.x_min);
+  // Canvas pixels per screen pixel: markers keep their on-screen size however the map is scaled.
+  const k = canvas.width / Math.max(canvas.clientWidth, 1);
   const ring = (area) => {
     if (!area || area.x === undefined || area.x === null) return;
     const [px, py] = toPixel(area.x, area.y);
-    ctx.strokeStyle = '#ffd34a'; ctx.lineWidth = 3;
+    ctx.strokeStyle = '#ffd34a'; ctx.lineWidth = 3 * k;
     ctx.beginPath(); ctx.arc(px, py, area.radius_m * metre, 0, 2 * Math.PI); ctx.stroke();
   };
   if (state.prior && state.prior.set) ring(state.prior);
@@ -122,16 +125,16 @@ function drawMap() {
     for (const c of [...r.candidates].reverse()) {
       const [px, py] = toPixel(c.map_pose.x, c.map_pose.y);
       ctx.fillStyle = c.rank === chosen ? '#3ddc5a' : '#4a8dff';
-      ctx.beginPath(); ctx.arc(px, py, c.rank === chosen ? 14 : 10, 0, 2 * Math.PI); ctx.fill();
-      ctx.fillStyle = '#000'; ctx.font = 'bold 13px sans-serif'; ctx.textAlign = 'center';
-      ctx.fillText(String(c.rank), px, py + 4);
+      ctx.beginPath(); ctx.arc(px, py, (c.rank === chosen ? 11 : 8) * k, 0, 2 * Math.PI); ctx.fill();
+      ctx.fillStyle = '#000'; ctx.font = `bold ${Math.round(11 * k)}px sans-serif`; ctx.textAlign = 'center';
+      ctx.fillText(String(c.rank), px, py + 4 * k);
     }
   }
   const d = state.drone;
   if (d && d.x !== undefined && d.x !== null) {
     const [px, py] = toPixel(d.x, d.y);
     const yaw = d.yaw || 0;
-    ctx.save(); ctx.translate(px, py); ctx.rotate(-yaw);
+    ctx.save(); ctx.translate(px, py); ctx.rotate(-yaw); ctx.scale(k, k);
     ctx.fillStyle = '#ff5ad1';
     ctx.beginPath(); ctx.moveTo(16, 0); ctx.lineTo(-10, 9); ctx.lineTo(-10, -9); ctx.closePath(); ctx.fill();
     ctx.restore();
