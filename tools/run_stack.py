@@ -2,7 +2,7 @@
 
 Generates the demo world on first run (deterministic, into demo/world), then starts the
 stack exactly as `ros2 launch cgrs_ros navigation.launch.py` would, through `cgrs launch`,
-and says how to send a goal. Ctrl-C stops it. Extra launch arguments pass through:
+with the operator console on (console:=true), and says how to send a goal. Ctrl-C stops it. Extra launch arguments pass through:
 `make run ARGS='log_level:=debug'`.
 """
 
@@ -39,11 +39,15 @@ def main():
     or, with a ROS 2 install:
       ros2 topic pub --once /cgrs/goal_text std_msgs/msg/String "{{data: 'a parking lot'}}"
       ros2 topic echo /goal_pose
+
+    Operator console (type a goal, see the candidates, confirm, watch the map):
+      http://127.0.0.1:8080   (off with ARGS='console:=false')
 """, flush=True)
     extra = shlex.split(os.environ.get('ARGS', ''))
     # exec, not a child: Ctrl-C and SIGTERM reach `cgrs launch` itself, which stops the nodes.
     os.execv(sys.executable, [sys.executable, '-m', 'cgrs_ros.cli', 'launch',
-                              f'gallery_dir:={WORLD}', f'config:={CONFIG}', *extra])
+                              f'gallery_dir:={WORLD}', f'config:={CONFIG}', 'console:=true',
+                              *extra])
 
 
 if __name__ == '__main__':
