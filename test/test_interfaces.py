@@ -74,9 +74,34 @@ def test_retrieval_result_round_trip():
 def test_status_constants_are_distinct():
     names = [n for n in dir(RetrievalResult) if n.startswith('STATUS_')]
     values = [getattr(RetrievalResult, n) for n in names]
-    assert len(names) == 6
+    assert len(names) == 7
     assert len(set(values)) == len(values)
     assert RetrievalResult.STATUS_OK == 0
+
+
+def test_confirmation_fields_round_trip():
+    from cgrs_ros.srv import Confirm
+    original = make_result()
+    original.status = RetrievalResult.STATUS_AWAITING_CONFIRMATION
+    original.result_id, original.selected_rank = 'abc123', 2
+    original.confidence, original.margin = 0.42, 0.031
+    original.area_latitude, original.area_longitude, original.area_radius_m = 47.4, 8.5, 250.0
+    copy = deserialize_message(serialize_message(original), RetrievalResult)
+    assert (copy.status, copy.result_id, copy.selected_rank) == (
+        RetrievalResult.STATUS_AWAITING_CONFIRMATION, 'abc123', 2)
+    assert (copy.confidence, copy.margin) == pytest.approx((0.42, 0.031))
+    assert (copy.area_latitude, copy.area_longitude, copy.area_radius_m) == (47.4, 8.5, 250.0)
+    goal = Retrieve.Goal(description='x', near_latitude=47.4, near_longitude=8.5,
+                         near_radius_m=300.0, goal_policy='confirm_below', confirm_id='abc123',
+                         confirm_rank=2)
+    goal_copy = deserialize_message(serialize_message(goal), Retrieve.Goal)
+    assert (goal_copy.near_radius_m, goal_copy.goal_policy, goal_copy.confirm_rank) == (
+        300.0, 'confirm_below', 2)
+    request = Confirm.Request(result_id='abc123', rank=3)
+    assert deserialize_message(serialize_message(request), Confirm.Request).rank == 3
+    response = Confirm.Response(success=True, message='sent', result=original)
+    assert deserialize_message(serialize_message(response), Confirm.Response
+                               ).result.result_id == 'abc123'
 
 
 def test_error_result_round_trip():
