@@ -422,3 +422,40 @@ def test_non_local_bind_needs_a_token(gallery, ros_domain):
     finally:
         proc.send_signal(2)
         proc.wait(timeout=30)
+
+
+def test_cgrs_goal_holds_and_confirms_from_the_command_line(stack):
+    probe = stack['probe']
+
+    def cgrs_goal(*args):
+        return subprocess.run([sys.executable, '-m', 'cgrs_ros.cli', 'goal', *args],
+                              capture_output=True, text=True, timeout=120)
+
+    held = cgrs_goal('--policy', 'confirm', '--json', POND)
+    assert held.returncode == 4, held.stderr
+    result = json.loads(held.stdout)
+    assert result['status'] == RetrievalResult.STATUS_AWAITING_CONFIRMATION
+    assert result['selected_rank'] == 0 and 0.0 <= result['confidence'] <= 1.0
+    seen = probe.count('pose')
+    sent = cgrs_goal('--confirm', result['result_id'], '--rank', '2')
+    assert sent.returncode == 0, sent.stderr
+    assert 'sent candidate 2' in sent.stdout
+    pose = probe.wait_for(lambda h: h['pose'][seen:], 30, 'the pose sent by cgrs goal')[0]
+    second = result['candidates'][1]['map_pose']
+    assert (pose.pose.position.x, pose.pose.position.y) == pytest.approx(
+        (second['x'], second['y']), abs=0.05)
+    lat, lon = _place_latlon(120.0, 80.0)
+    near = cgrs_goal('--json', '--near', str(lat), str(lon), '--radius', '60',
+                     'a building with a bright red roof')
+    assert near.returncode == 0, near.stderr
+    assert [c['image_id'] for c in json.loads(near.stdout)['candidates']] == ['roof_red']
+
+
+def test_console_is_a_launch_argument():
+    from cgrs_ros.nodes import stack
+    names = [spec.name for spec in stack.node_specs(stack.resolve_arguments({}))]
+    assert 'console_node' not in names
+    specs = stack.node_specs(stack.resolve_arguments({'console': 'true'}))
+    console = [spec for spec in specs if spec.name == 'console_node']
+    assert console and console[0].module == 'cgrs_ros.nodes.console_node'
+    assert stack.resolve_arguments({'console': 'true'})['console'] == 'true'
