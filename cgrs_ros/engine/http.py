@@ -49,15 +49,19 @@ class BoundedResponse:
         return json.loads(self.content)
 
 
-def post_json(session, url, body, timeout_s, max_bytes):
+def post_json(session, url, body, timeout_s, max_bytes, files=None):
     """POST ``body`` as JSON and return a :class:`BoundedResponse` within the bounds.
+
+    With ``files`` ({field: (name, bytes, content type)}) the body's fields and the files are
+    sent as a multipart form instead (OpenAI's /audio/transcriptions takes that).
 
     Raises BoundedHTTPError when the deadline passes, the body exceeds ``max_bytes`` or the
     server redirects; requests' own exceptions for connection failures.
     """
     deadline = time.monotonic() + timeout_s
     try:
-        response = session.post(url, json=body, timeout=timeout_s, stream=True,
+        content = {'data': body, 'files': files} if files else {'json': body}
+        response = session.post(url, **content, timeout=timeout_s, stream=True,
                                 allow_redirects=False)
     except requests.Timeout:
         raise BoundedHTTPError('deadline', f'no answer from {url} within {timeout_s:g} s') \

@@ -83,7 +83,8 @@ class OpenAIClient:
     ``section`` is its name in the config, used in error messages ('captioner', 'reranker').
     """
 
-    def __init__(self, settings, section, thread_name_prefix='cgrs-openai'):
+    def __init__(self, settings, section, thread_name_prefix='cgrs-openai',
+                 path='/chat/completions'):
         """Check the endpoint settings and start the request pool (no request is sent yet)."""
         if not settings.model:
             raise ConfigError(
@@ -96,7 +97,7 @@ class OpenAIClient:
         self._settings = settings
         self._section = section
         self.base_url = settings.base_url
-        self.url = settings.base_url.rstrip('/') + '/chat/completions'
+        self.url = settings.base_url.rstrip('/') + path
         self._api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         self._local = threading.local()
         self._sessions = []
@@ -116,8 +117,11 @@ class OpenAIClient:
                 session.close()
             self._sessions.clear()
 
-    def post(self, body):
-        """POST ``body`` with retries and return a :class:`Reply` (never raises for HTTP)."""
+    def post(self, body, files=None):
+        """POST ``body`` with retries and return a :class:`Reply` (never raises for HTTP).
+
+        ``files`` makes it a multipart form (see ``engine.http.post_json``).
+        """
         s = self._settings
         attempts = 1 + s.max_retries
         status = None
@@ -125,7 +129,7 @@ class OpenAIClient:
             wait = 0.0
             try:
                 response = post_json(self._session(), self.url, body, s.timeout_s,
-                                     s.max_response_bytes)
+                                     s.max_response_bytes, files)
             except BoundedHTTPError as exc:
                 if exc.kind != 'deadline':  # too large or a redirect: retrying cannot help
                     return Reply(error=str(exc), status=status)
@@ -140,8 +144,10 @@ class OpenAIClient:
                     try:
                         return Reply(payload=response.json(), status=status)
                     except ValueError as exc:
-                        return Reply(error=f'{self.url} answered 200 but not with a chat '
-                                           f'completion ({exc!r})', status=status)
+                        what = ('a chat completion' if self.url.endswith('/chat/completions')
+                                else 'JSON')
+                        return Reply(error=f'{self.url} answered 200 but not with {what} '
+                                           f'({exc!r})', status=status)
                 detail = ' '.join(response.text.split())[:300]
                 problem = f'HTTP {status} from {self.url}: {detail}'
                 if status != 429 and status < 500:
