@@ -256,13 +256,15 @@ def test_cross_view_term_aligns_undescribed_drone_views_with_their_tiles(toy, tm
 
     train = sat_described(tmp_path / 'train', 11)
     test = sat_described(tmp_path / 'test', 12)
-    r1 = {}
+    r1, cards = {}, {}
     for on in (False, True):
         out = tmp_path / f'model-{on}'
         cfg = load_train_config(None, dict(TINY, **{
-            'train.epochs': 15, 'model.experts': True, 'loss.cross_view.enabled': on}))
-        train_dual(load_training_pairs([train]), cfg, out, cache_root=toy['cache'],
-                   progress=False)
+            'train.epochs': 15, 'model.experts': True, 'loss.cross_view.enabled': on,
+            'train.select': 'cross_view'}))
+        cards[on] = train_dual(load_training_pairs([train]), cfg, out,
+                               [load_query_set(test)], cache_root=toy['cache'],
+                               progress=False).card
         config = load_config(overrides={'image_encoder': {'backend': 'learned',
                                                           'model': str(out)},
                                         'captioner': {'backend': 'none'}},)
@@ -280,6 +282,14 @@ def test_cross_view_term_aligns_undescribed_drone_views_with_their_tiles(toy, tm
         r1[on] = 100.0 * hits / len(drones)
     assert r1[True] >= 80.0, r1
     assert r1[True] >= r1[False] + 30.0, r1
+    # Validation measured the same drone -> satellite R@1 the engine gives (the held-out
+    # gallery here), and train.select exported the epoch where it was best.
+    card = cards[True]
+    (name, val), = card['val'].items()
+    assert abs(val['d2s_r1'] - r1[True]) <= 100.0 / len(drones) + 1e-6, (val, r1)
+    history = {h['epoch']: h['val_d2s_r1'] for h in card['history']}
+    assert history[card['exported_epoch']] == max(history.values())
+    assert 'drone->satellite R@1' in (tmp_path / 'model-True' / 'model_card.md').read_text()
 
 
 def test_attention_pooling_over_word_pieces_trains_and_serves(toy, tmp_path):

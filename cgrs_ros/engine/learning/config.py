@@ -100,6 +100,9 @@ class TrainSection(_Section):
     device: str = 'cpu'
     threads: int = Field(0, ge=0, le=256)     # torch CPU threads; 0 = torch's default
     feature_batch: int = Field(32, ge=1, le=4096)
+    # the validation figure the exported epoch is chosen by: text->image R@1, drone->satellite
+    # R@1 (a cross-view matcher), or their mean
+    select: Literal['text', 'cross_view', 'both'] = 'text'
 
 
 class TrainConfig(_Section):

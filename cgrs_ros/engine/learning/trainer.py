@@ -11,8 +11,11 @@ Each epoch ends with validation (text->image Recall@1/5/10 at place level, on ga
 phrasings not trained on) and a checkpoint (``OUT/checkpoints/last.*``: model, optimizer,
 history, all tensors in safetensors, the rest in JSON; no pickle). A killed run restarts from
 the last checkpoint; sampling and dropout are seeded per epoch from ``train.seed``, so a
-resumed run continues exactly as an uninterrupted one would. The exported model is the epoch
-with the best validation R@1 (the last epoch without validation).
+resumed run continues exactly as an uninterrupted one would. Validation galleries with drone
+and satellite images also report drone->satellite R@1/5 (image queries, localization). The
+exported model is the epoch with the best validation figure ``train.select`` names
+(text->image R@1 by default; ``cross_view``: drone->satellite R@1; ``both``: their mean), or
+the last epoch without validation.
 """
 
 import dataclasses
@@ -198,7 +201,37 @@ def evaluate_query_set(backend, query_set, inputs=None):
     sims = DualHeads.similarity(text_emb, images, experts)
     result = t2i_from_scores(sims.cpu().numpy(), query_set.query_groups,
                              query_set.image_groups)
-    return {f'r{k}': round(result.recall(k), 2) for k in (1, 5, 10)}
+    out = {f'r{k}': round(result.recall(k), 2) for k in (1, 5, 10)}
+    platforms = np.asarray(query_set.image_platforms)
+    drone, satellite = platforms == 'drone', platforms == 'satellite'
+    if drone.any() and satellite.any():
+        # The cross-view direction image queries and localization use: each drone image
+        # ranks the satellite images, a hit when the top one shows its place.
+        groups = np.asarray(query_set.image_groups)
+        rows = images.cpu().numpy()
+        d2s = t2i_from_scores(rows[drone] @ rows[satellite].T, groups[drone].tolist(),
+                              groups[satellite].tolist())
+        out.update({f'd2s_r{k}': round(d2s.recall(k), 2) for k in (1, 5)})
+    return out
+
+
+def _mean_recalls(val):
+    """Return val_r1 (text->image) and, when measured, val_d2s_r1, averaged over the sets."""
+    out = {'val_r1': round(float(np.mean([v['r1'] for v in val.values()])), 2)}
+    d2s = [v['d2s_r1'] for v in val.values() if 'd2s_r1' in v]
+    if d2s:
+        out['val_d2s_r1'] = round(float(np.mean(d2s)), 2)
+    return out
+
+
+def _selection_score(entry, select):
+    """Return the validation figure ``train.select`` exports the best epoch by."""
+    text = entry.get('val_r1', 0.0)
+    if select == 'text':
+        return text
+    if 'val_d2s_r1' not in entry:
+        return text if 'val_r1' in entry else 0.0
+    return entry['val_d2s_r1'] if select == 'cross_view' else (text + entry['val_d2s_r1']) / 2
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -380,18 +413,21 @@ def train_dual(pairs, cfg, out_dir, val_sets=(), cache_root=None, restart=False,
                  'temperature': round(float(1.0 / backend.logit_scale.detach().exp()), 5)}
         if val_sets:
             entry['val'] = validate()
-            entry['val_r1'] = round(float(np.mean([v['r1'] for v in entry['val'].values()])), 2)
+            entry.update(_mean_recalls(entry['val']))
             last_val = {'val_r1': entry['val_r1']}
         history.append(entry)
-        improved = best is None or entry.get('val_r1', 0.0) >= best['val_r1']
+        score = _selection_score(entry, tc.select)
+        improved = best is None or score >= best.get('score', best['val_r1'])
         if improved:
-            best = {'epoch': epoch, 'val_r1': entry.get('val_r1', 0.0)}
+            best = {'epoch': epoch, 'val_r1': entry.get('val_r1', 0.0), 'score': score}
         info = {'epoch': epoch, 'fingerprint': fingerprint, 'history': history, 'best': best,
                 'val_before': val_before}
         if improved:
             save_checkpoint(out, module, optimizer, info, 'best')
         save_checkpoint(out, module, optimizer, info, 'last')
         val_text = f', val R@1 {entry["val_r1"]}' if 'val_r1' in entry else ''
+        if 'val_d2s_r1' in entry:
+            val_text += f', drone->satellite R@1 {entry["val_d2s_r1"]}'
         say(f'epoch {epoch}/{tc.epochs} (stage {stage}): loss {entry["loss"]:.4f}{val_text}, '
             f'{entry["pairs_per_s"]:.0f} pairs/s, {seconds:.1f} s')
 
@@ -463,6 +499,10 @@ def _cross_view_loss(backend, pairs, img_idx, images, groups):
     return symmetric_contrastive_loss(backend.logit_scale.exp() * sims, target)
 
 
+SELECT_LABELS = {'text': 'text->image R@1', 'cross_view': 'drone->satellite R@1',
+                 'both': 'mean of text->image and drone->satellite R@1'}
+
+
 def model_card(cfg, pairs, val_sets, history, best, seconds, val_before=None):
     """Return the model card: data, loss, epochs, validation recall, date."""
     last = history[-1]
@@ -475,7 +515,8 @@ def model_card(cfg, pairs, val_sets, history, best, seconds, val_before=None):
                  'platforms': platforms},
         'validation': {'sets': [q.name for q in val_sets],
                        'queries': {q.name: len(q.queries) for q in val_sets},
-                       'metric': 'text->image Recall@K at place level, percent'},
+                       'metric': 'text->image Recall@K at place level, percent',
+                       'select': cfg.train.select},
         'loss': cfg.loss.model_dump(mode='json'),
         'train': cfg.train.model_dump(mode='json'),
         'epochs': last['epoch'],
@@ -504,10 +545,13 @@ def format_card(card):
         f'{card["loss"]["soft_labels"]["enabled"]}; hard negatives '
         f'{card["loss"]["hard_negatives"]["enabled"]}',
         f'- epochs: {card["epochs"]} (exported: epoch {card["exported_epoch"]}, best '
-        'validation R@1)',
-        f'- validation ({card["validation"]["metric"]}), never trained on:', '',
-        '| set | queries | R@1 | R@5 | R@10 |', '|---|---|---|---|---|']
+        f'validation {SELECT_LABELS[card["validation"].get("select", "text")]})',
+        f'- validation ({card["validation"]["metric"]}; d2s: drone->satellite images), '
+        'never trained on:', '',
+        '| set | queries | R@1 | R@5 | R@10 | d2s R@1 | d2s R@5 |',
+        '|---|---|---|---|---|---|---|']
     for name, v in card['val'].items():
         lines.append(f'| {name} | {card["validation"]["queries"].get(name, "")} | {v["r1"]} | '
-                     f'{v["r5"]} | {v["r10"]} |')
+                     f'{v["r5"]} | {v["r10"]} | {v.get("d2s_r1", "")} | '
+                     f'{v.get("d2s_r5", "")} |')
     return '\n'.join(lines) + '\n'
