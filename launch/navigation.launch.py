@@ -1,5 +1,5 @@
 """Start the cgrs navigation stack: retrieval_node, captioning_node, and on request sim_drone
-(sim:=true) and localization_node (localization:=true).
+(sim:=true), localization_node (localization:=true) and the operator console (console:=true).
 
     ros2 launch cgrs_ros navigation.launch.py gallery_dir:=/data/my_gallery
 

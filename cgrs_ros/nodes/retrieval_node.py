@@ -633,11 +633,12 @@ class RetrievalNode(Node):
     def _publish_diagnostics(self):
         status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: retrieval',
                                   hardware_id=self.params['gallery_dir'])
+        prior = self._prior()
         values = {'engine': self._engine_state, 'queries_served': str(self._served),
                   'pending_goals': str(len(self._pending)),
                   'last_query_latency_ms': f'{self._last_latency_ms:.1f}',
                   'goal_policy': self.params['goal_policy'],
-                  'search_prior': (self._prior().describe() if self._prior() else 'none')}
+                  'search_prior': prior.describe() if prior else 'none'}
         if self._retriever is not None:
             stats = self._retriever.stats()
             values.update({k: str(v) for k, v in stats.items()})
