@@ -13,6 +13,7 @@ from cgrs_ros.engine.errors import ConfigError
 from cgrs_ros.engine.index import IndexSettings
 from cgrs_ros.engine.rerankers.base import RerankerSettings
 from cgrs_ros.engine.sections import UNKNOWN_KEY
+from cgrs_ros.engine.speech.settings import SpeechSettings
 from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_validator,
                       ValidationError)
 import yaml
@@ -150,6 +151,8 @@ class EngineConfig(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     # The cross-modal third stage (rerankers/); backend none (the default) runs no stage.
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
+    # Spoken goals (voice_node): VAD, utterances and the recogniser (speech/settings.py).
+    speech: SpeechSettings = Field(default_factory=SpeechSettings)
     # How `cgrs index` builds the image index: exact or approximate (index.py).
     index: IndexSettings = Field(default_factory=IndexSettings)
     # How sure a ranking is (confirm_below in retrieval_node).
