@@ -1,5 +1,6 @@
 """Start the cgrs navigation stack: retrieval_node, captioning_node, and on request sim_drone
-(sim:=true), localization_node (localization:=true) and the operator console (console:=true).
+(sim:=true), localization_node (localization:=true), the operator console (console:=true) and
+voice_node (voice:=true).
 
     ros2 launch cgrs_ros navigation.launch.py gallery_dir:=/data/my_gallery
 

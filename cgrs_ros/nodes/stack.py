@@ -83,6 +83,9 @@ def launch_arguments():
                        'tiles); empty = gallery_dir'),
         LaunchArgument('console', 'false', 'Start console_node: the operator web console '
                        '(http://127.0.0.1:8080; console.* parameters)', ('true', 'false')),
+        LaunchArgument('voice', 'false', 'Start voice_node: spoken goals (microphone, audio '
+                       'topic or WAV files) recognised offline and sent to goal_text',
+                       ('true', 'false')),
         LaunchArgument('respawn', 'false', 'Restart a node that exits (a crash is a blip, not '
                        'a landing) instead of stopping the stack', ('true', 'false')),
         LaunchArgument('respawn_delay', '2.0', 'Seconds before a node is restarted'),
@@ -167,6 +170,11 @@ def node_specs(values):
         nodes.append(
             NodeSpec(executable='console_node', module='cgrs_ros.nodes.console_node',
                      name='console_node', namespace=values['namespace'],
+                     parameters=parameters, log_level=values['log_level']))
+    if values['voice'] == 'true':
+        nodes.append(
+            NodeSpec(executable='voice_node', module='cgrs_ros.nodes.voice_node',
+                     name='voice_node', namespace=values['namespace'],
                      parameters=parameters, log_level=values['log_level']))
     for spec in nodes:
         spec.respawn, spec.respawn_delay, spec.respawn_max_retries = respawn, delay, retries
