@@ -18,7 +18,7 @@ import sys
 import time
 
 from cgrs_ros.action import Retrieve
-from cgrs_ros.msg import RetrievalResult
+from cgrs_ros.msg import AudioData, RetrievalResult
 from cgrs_ros.srv import Confirm
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped, PoseStamped
@@ -112,6 +112,8 @@ class Probe(RosProbe):
         self.listen('pose', PoseStamped, '/goal_pose')
         self.listen('result', RetrievalResult, '/cgrs/result', 100)
         self.listen('diag', DiagnosticArray, '/diagnostics')
+        # Stands in for voice_node: the console offers push-to-talk while audio has a listener.
+        self.listen('audio', AudioData, '/cgrs/audio', 100)
         self.action = ActionClient(self.node, Retrieve, '/cgrs/retrieve')
         self.confirm = self.node.create_client(Confirm, '/cgrs/retrieval_node/confirm')
         self.clicks = self.node.create_publisher(PointStamped, '/clicked_point', 10)
@@ -257,6 +259,46 @@ def test_page_shows_candidates_and_confirms_the_second(stack, tmp_path):
     assert pixels.shape[0] >= 800 and pixels.shape[1] >= 1300
     colours = len(np.unique(pixels.reshape(-1, 3)[::7], axis=0))
     assert pixels.std() > 20 and colours > 200, (pixels.std(), colours)
+
+
+def test_push_to_talk_sends_the_recording_to_the_audio_topic(stack):
+    if CHROMIUM is None:
+        pytest.skip('Debian chromium is not installed: run `make setup` as root (it installs '
+                    'chromium and chromium-driver), or apt-get install chromium')
+    from playwright.sync_api import sync_playwright
+    probe, port = stack['probe'], stack['port']
+    with sync_playwright() as pw:
+        # Chromium's fake microphone (a beep) stands in for the operator's voice.
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            '--no-sandbox', '--use-fake-device-for-media-stream',
+            '--use-fake-ui-for-media-stream'])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on('pageerror', lambda exc: errors.append(str(exc)))
+            page.goto(f'http://127.0.0.1:{port}/')
+            page.wait_for_selector('#talk:not([hidden])', timeout=30_000)
+            seen = probe.count('audio')
+            page.hover('#talk')
+            page.mouse.down()
+            page.wait_for_selector('#talk.recording', timeout=30_000)
+            time.sleep(1.5)
+            page.mouse.up()
+            probe.wait_for(lambda h: len(h['audio']) > seen, 30, 'audio chunks')
+            time.sleep(0.5)  # the rest of the chunks of this recording
+            assert errors == [], errors
+        finally:
+            browser.close()
+    with probe.lock:
+        chunks = probe.heard['audio'][seen:]
+    rate = chunks[0].sample_rate
+    assert rate in (16000, 44100, 48000)
+    assert all(c.encoding == AudioData.ENCODING_S16LE and c.channels == 1 and
+               c.sample_rate == rate for c in chunks)
+    assert all(len(c.data) / 2 / rate <= 0.2 for c in chunks)   # 10-200 ms chunks
+    samples = np.frombuffer(b''.join(bytes(c.data) for c in chunks), dtype='<i2')
+    assert 1.0 <= len(samples) / rate <= 10.0, len(samples) / rate
+    assert np.abs(samples).max() > 0   # the fake microphone's beep, not silence
 
 
 def test_confirm_below_holds_a_near_tie_until_confirmed(stack):
@@ -415,6 +457,9 @@ def test_non_local_bind_needs_a_token(gallery, ros_domain):
             assert proc.poll() is None, ''.join(lines)
         assert port, ''.join(lines)
         assert _http(port, 'GET', '/')[0] == 401
+        # Nothing listens on audio in this domain: no push-to-talk offered.
+        status, body = _http(port, 'GET', '/api/state?token=s3cret-token')
+        assert status == 200 and json.loads(body)['voice'] is False
         assert _http(port, 'GET', '/?token=wrong')[0] == 401
         assert _http(port, 'GET', '/?token=s3cret-token')[0] == 200
         assert _http(port, 'GET', '/api/map',

@@ -12,7 +12,10 @@ this node is its ROS side and talks to retrieval_node like any other client:
   retrieval_node's search prior, as rviz's Publish Point tool does; the prior is followed
   through ``/parameter_events`` and cleared with a parameter set;
 - sub ``odom`` (nav_msgs/Odometry, map frame) and ``status`` (std_msgs/String JSON) of
-  sim_drone or a real drone's bridge: the live position.
+  sim_drone or a real drone's bridge: the live position;
+- pub ``audio`` (cgrs_ros/AudioData, 16-bit mono PCM in 100 ms chunks): push-to-talk, what
+  the browser recorded while the button was held, for voice_node. The page shows the button
+  only while something (voice_node) subscribes to ``audio``.
 
 Binds ``console.host`` (127.0.0.1); any other address needs ``console.token``.
 """
@@ -24,7 +27,7 @@ import time
 
 from cgrs_ros.action import Retrieve
 from cgrs_ros.engine import geo
-from cgrs_ros.msg import RetrievalResult
+from cgrs_ros.msg import AudioData, RetrievalResult
 from cgrs_ros.nodes import convert
 from cgrs_ros.nodes.console.web import check_bind, ConsoleApp, token_from
 from cgrs_ros.nodes.datum import DATUM_PARAMETERS, resolve_datum
@@ -37,6 +40,7 @@ from rcl_interfaces.msg import Parameter, ParameterEvent, ParameterType, Paramet
 from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.action import ActionClient
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
@@ -48,6 +52,7 @@ STATUS_NAMES = {
     RetrievalResult.STATUS_AWAITING_CONFIRMATION: 'awaiting confirmation',
 }
 PRIOR_KEYS = ('prior.latitude', 'prior.longitude', 'prior_radius_m')
+AUDIO_CHUNK_S = 0.1   # AudioData asks for chunks of 10-200 ms
 
 PARAMETERS = (
     Param('gallery_dir', '', 'Gallery folder (thumbnails and the map mosaic); read-only.',
@@ -96,6 +101,7 @@ class ConsoleNode(Node):
         self._drone = {}
         self._drone_sent = 0.0
         self._prior = None
+        self._voice = False
         frame = self.params['map_frame']
         self._frame = frame
 
@@ -109,6 +115,8 @@ class ConsoleNode(Node):
                                               callback_group=group)
         self._target = f'{self.get_namespace().rstrip("/")}/{target}'
         self._click_pub = self.create_publisher(PointStamped, '/clicked_point', 10)
+        self._audio_pub = self.create_publisher(AudioData, 'audio', 100)
+        self.create_timer(1.0, self._check_voice)
         self.create_subscription(RetrievalResult, 'result', self._on_result, 50)
         self.create_subscription(Odometry, 'odom', self._on_odom, 10)
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
@@ -129,11 +137,18 @@ class ConsoleNode(Node):
         with self._lock:
             return {'history': list(self._history), 'drone': dict(self._drone),
                     'prior': self._prior, 'map_frame': self._frame,
-                    'connected': self._action.server_is_ready()}
+                    'connected': self._action.server_is_ready(), 'voice': self._voice}
 
     def _xy(self, lat, lon):
         e, n, _ = geo.geodetic_to_enu(lat, lon, self._datum.alt, self._datum)
         return e, n
+
+    def _check_voice(self):
+        """Offer push-to-talk while something (voice_node) listens on ``audio``."""
+        voice = self.count_subscribers('audio') > 0
+        if voice != self._voice:
+            self._voice = voice
+            self.web.publish({'type': 'voice', 'available': voice})
 
     def _on_result(self, msg):
         result = convert.result_to_dict(msg)
@@ -269,8 +284,20 @@ class ConsoleNode(Node):
             'message': '; '.join(x.reason for x in r.results if x.reason) or 'prior cleared'})
 
     def publish_audio(self, data, rate):
-        """Push-to-talk needs voice_node's audio topic (absent from this build)."""
-        return {'ok': False, 'message': 'push-to-talk is not available'}
+        """Publish push-to-talk PCM (S16LE mono at ``rate``) on ``audio`` in 100 ms chunks."""
+        if self.count_subscribers('audio') == 0:
+            return {'ok': False, 'message': 'nothing listens on audio: start voice_node'}
+        step = 2 * max(int(rate * AUDIO_CHUNK_S), 1)
+        stamp = self.get_clock().now()
+        for offset in range(0, len(data), step):
+            chunk = AudioData(sample_rate=rate, channels=1, encoding=AudioData.ENCODING_S16LE,
+                              data=data[offset:offset + step])
+            # Each chunk is stamped with when its first sample was captured (relative to now).
+            chunk.header.stamp = (stamp - Duration(seconds=(len(data) - offset) / 2 / rate)
+                                  ).to_msg()
+            self._audio_pub.publish(chunk)
+        seconds = len(data) / 2 / rate
+        return {'ok': True, 'message': f'{seconds:.1f} s of speech sent to voice_node'}
 
     def destroy_node(self):
         """Stop the web server, then destroy the node."""

@@ -2,7 +2,8 @@
 
 The ROS side hands in a *bridge* (console_node.py) with the calls the page may make:
 ``send_goal(dict)``, ``confirm(result_id, rank)``, ``cancel()``, ``set_prior(x, y)``,
-``clear_prior()``, ``publish_audio(bytes, rate)`` (async ones are awaited) and ``state()``.
+``clear_prior()``, ``publish_audio(bytes, rate)`` (async ones are awaited) and ``state()``
+(which says, under ``voice``, whether push-to-talk has a listener).
 Events from ROS reach every open page through :meth:`ConsoleApp.publish`, which any thread may
 call.
 
@@ -67,12 +68,11 @@ class ConsoleApp:
     """The aiohttp application and the thread its event loop runs on."""
 
     def __init__(self, bridge, gallery, datum, host='127.0.0.1', port=8080, token='',
-                 map_side=1600, tile_m=0.0, voice=False):
+                 map_side=1600, tile_m=0.0):
         """Prepare the app; :meth:`start` binds and serves."""
         check_bind(host, token)
         self.bridge, self.gallery, self.datum = bridge, gallery, datum
         self.host, self.port, self.token = host, port, token
-        self.voice = voice
         self._map_side, self._tile_m = map_side, tile_m
         self._map = None          # (jpeg, MapMeta), drawn on first request
         self._map_lock = threading.Lock()
@@ -196,9 +196,7 @@ class ConsoleApp:
                                 headers={'Cache-Control': 'no-store'})
 
     async def _state(self, request):
-        state = dict(self.bridge.state())
-        state['voice'] = self.voice
-        return web.json_response(state, dumps=_dumps)
+        return web.json_response(self.bridge.state(), dumps=_dumps)
 
     def _mosaic(self):
         with self._map_lock:
@@ -261,8 +259,7 @@ class ConsoleApp:
         await ws.prepare(request)
         self._sockets.add(ws)
         try:
-            await ws.send_str(_dumps({'type': 'state', **self.bridge.state(),
-                                      'voice': self.voice}))
+            await ws.send_str(_dumps({'type': 'state', **self.bridge.state()}))
             async for message in ws:  # the page only listens; anything it sends is ignored
                 if message.type == WSMsgType.ERROR:
                     break
@@ -304,8 +301,7 @@ class ConsoleApp:
         return web.json_response(await _maybe_await(self.bridge.set_prior(x, y)))
 
     async def _audio(self, request):
-        if not self.voice:
-            raise web.HTTPNotFound(text='push-to-talk needs voice_node, which is not running')
+        """Push-to-talk: 16-bit mono PCM recorded by the page, handed to the bridge."""
         rate = _int(request.query.get('rate'))
         if rate is None or not 8000 <= rate <= 192000:
             return _problem('rate must be the sample rate in Hz (8000-192000)')

@@ -213,8 +213,67 @@ function connect() {
       showDrone(msg.drone);
     } else if (msg.type === 'prior') {
       showPrior(msg.prior);
+    } else if (msg.type === 'voice') {
+      $('talk').hidden = !msg.available;
     }
   });
+}
+
+// ---- push-to-talk: record while the button is held, send 16-bit PCM for voice_node -----
+const talk = { ctx: null, stream: null, chunks: [], rate: 0, held: false, recording: false };
+
+async function startTalking() {
+  if (talk.held) return;
+  talk.held = true;
+  try {
+    talk.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+    talk.ctx = new AudioContext();
+    await talk.ctx.audioWorklet.addModule('/static/recorder-worklet.js');
+    const source = talk.ctx.createMediaStreamSource(talk.stream);
+    const recorder = new AudioWorkletNode(talk.ctx, 'pcm-recorder');
+    const mute = talk.ctx.createGain();
+    mute.gain.value = 0;   // pulled by the graph, not heard
+    talk.chunks = [];
+    talk.rate = talk.ctx.sampleRate;
+    recorder.port.onmessage = (event) => talk.chunks.push(event.data);
+    source.connect(recorder).connect(mute).connect(talk.ctx.destination);
+    talk.recording = true;
+    $('talk').classList.add('recording');
+    say('listening… release to send');
+    if (!talk.held) await stopTalking();   // released while the microphone was opening
+  } catch (e) {
+    talk.held = false;
+    stopStream();
+    say(`the microphone is not available: ${e.message}`);
+  }
+}
+
+function stopStream() {
+  if (talk.stream) talk.stream.getTracks().forEach((track) => track.stop());
+  if (talk.ctx) talk.ctx.close();
+  talk.stream = null;
+  talk.ctx = null;
+  $('talk').classList.remove('recording');
+}
+
+async function stopTalking() {
+  talk.held = false;
+  if (!talk.recording) return;   // still opening: startTalking stops when it is ready
+  talk.recording = false;
+  stopStream();
+  const total = talk.chunks.reduce((n, c) => n + c.length, 0);
+  const pcm = new DataView(new ArrayBuffer(total * 2));
+  let i = 0;
+  for (const chunk of talk.chunks) {
+    for (const sample of chunk) {
+      pcm.setInt16(2 * i++, Math.max(-1, Math.min(1, sample)) * 32767, true);
+    }
+  }
+  const response = await fetch(`/api/audio?rate=${talk.rate}`, { method: 'POST',
+    headers: { 'Content-Type': 'application/octet-stream' }, body: pcm.buffer, credentials: 'same-origin' });
+  let answer = {};
+  try { answer = await response.json(); } catch (e) { answer = { message: await response.text() }; }
+  say(answer.message);
 }
 
 // ---- controls --------------------------------------------------------------------------
@@ -240,6 +299,9 @@ function setup() {
   });
   $('confirm-best').addEventListener('click', () => confirmRank(state.current.result_id, 1));
   $('dismiss').addEventListener('click', () => confirmRank(state.current.result_id, 0));
+  $('talk').addEventListener('pointerdown', startTalking);
+  $('talk').addEventListener('pointerup', stopTalking);
+  $('talk').addEventListener('pointerleave', stopTalking);
   $('clear-prior').addEventListener('click', async () => say((await post('/api/prior', { clear: true })).message));
   loadMap();
   connect();
