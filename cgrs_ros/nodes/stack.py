@@ -139,21 +139,18 @@ def node_specs(values):
     """Return the nodes to start for resolved launch-argument ``values``."""
     parameters = [values['params_file'], _overrides(values)]
     respawn, delay, retries = _respawn_settings(values)
-    nodes = [
-        NodeSpec(executable='retrieval_node', module='cgrs_ros.nodes.retrieval_node',
-                 name='retrieval_node', namespace=values['namespace'],
-                 parameters=parameters, log_level=values['log_level'], required=True),
-    ]
+
+    def node(name, extra=None, required=False):
+        return NodeSpec(executable=name, module=f'{PACKAGE}.nodes.{name}', name=name,
+                        namespace=values['namespace'],
+                        parameters=parameters + ([] if extra is None else [extra]),
+                        log_level=values['log_level'], required=required)
+
+    nodes = [node('retrieval_node', required=True)]
     if values['captioning'] == 'true':
-        nodes.append(
-            NodeSpec(executable='captioning_node', module='cgrs_ros.nodes.captioning_node',
-                     name='captioning_node', namespace=values['namespace'],
-                     parameters=parameters, log_level=values['log_level']))
+        nodes.append(node('captioning_node'))
     if values['sim'] == 'true':
-        nodes.append(
-            NodeSpec(executable='sim_drone', module='cgrs_ros.nodes.sim_drone',
-                     name='sim_drone', namespace=values['namespace'],
-                     parameters=parameters, log_level=values['log_level']))
+        nodes.append(node('sim_drone'))
     if values['localization'] == 'true':
         overrides = {}
         if values['localization_gallery']:
@@ -161,21 +158,11 @@ def node_specs(values):
             overrides['gallery_dir'] = values['localization_gallery']
             if values['gallery_dir']:
                 overrides['datum_gallery'] = values['gallery_dir']
-        nodes.append(
-            NodeSpec(executable='localization_node',
-                     module='cgrs_ros.nodes.localization_node', name='localization_node',
-                     namespace=values['namespace'], parameters=parameters + [overrides],
-                     log_level=values['log_level']))
+        nodes.append(node('localization_node', overrides))
     if values['console'] == 'true':
-        nodes.append(
-            NodeSpec(executable='console_node', module='cgrs_ros.nodes.console_node',
-                     name='console_node', namespace=values['namespace'],
-                     parameters=parameters, log_level=values['log_level']))
+        nodes.append(node('console_node'))
     if values['voice'] == 'true':
-        nodes.append(
-            NodeSpec(executable='voice_node', module='cgrs_ros.nodes.voice_node',
-                     name='voice_node', namespace=values['namespace'],
-                     parameters=parameters, log_level=values['log_level']))
+        nodes.append(node('voice_node'))
     for spec in nodes:
         spec.respawn, spec.respawn_delay, spec.respawn_max_retries = respawn, delay, retries
     return nodes
