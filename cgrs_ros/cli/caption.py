@@ -5,7 +5,7 @@ import signal
 import sys
 import threading
 
-from cgrs_ros.cli.arguments import add_engine_arguments
+from cgrs_ros.cli.arguments import add_engine_arguments, add_ray_arguments, ray_job
 
 MAX_LISTED = 50
 
@@ -117,7 +117,7 @@ def _run(args):
     try:
         summary = run_captioning(args.gallery, config, state_dir=args.state, limit=args.limit,
                                  force=args.force, batch_size=args.batch_size, progress=bar,
-                                 stop=stop)
+                                 stop=stop, ray=ray_job(args))
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
@@ -141,6 +141,7 @@ def register(subparsers):
                     'text embeddings are stored too, so queries use new captions at once.')
     parser.add_argument('gallery', metavar='GALLERY', help='folder holding gallery.csv')
     add_engine_arguments(parser)
+    add_ray_arguments(parser, 'caption the images')
     parser.add_argument('--limit', type=int, metavar='N',
                         help='caption at most N pending images (in manifest order) this run')
     parser.add_argument('--force', action='store_true',

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from cgrs_ros.cli.arguments import add_engine_arguments
+from cgrs_ros.cli.arguments import add_engine_arguments, add_ray_arguments, ray_job
 
 MAX_LISTED = 50
 
@@ -59,7 +59,7 @@ def run(args):
     progress = not args.quiet and sys.stderr.isatty() or args.progress
     log = None if args.quiet else (lambda line: print(f'index: {line}', file=sys.stderr))
     summary = index_gallery(args.gallery, config, state_dir=args.state, progress=progress,
-                            replace_index=args.replace_index, log=log)
+                            replace_index=args.replace_index, log=log, ray=ray_job(args))
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -76,6 +76,7 @@ def register(subparsers):
                     'unchanged gallery does no model work.')
     parser.add_argument('gallery', metavar='GALLERY', help='folder holding gallery.csv')
     add_engine_arguments(parser)
+    add_ray_arguments(parser, 'embed the images')
     parser.add_argument('--replace-index', action='store_true',
                         help='write the new image index even when its recall@10 is lower '
                              'than the saved one (a change of index type or settings)')

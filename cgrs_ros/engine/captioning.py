@@ -316,14 +316,15 @@ class _CaptionEmbedder:
 
 
 def run_captioning(gallery_dir, config, state_dir=None, *, limit=None, force=False,
-                   batch_size=None, progress=None, stop=None, load_captioner=None):
+                   batch_size=None, progress=None, stop=None, load_captioner=None, ray=None):
     """Caption what is pending in a gallery; return a :class:`CaptionSummary`.
 
     ``progress(CaptionProgress)`` is called when the run starts and after every committed
     batch. ``stop`` (a ``threading.Event``) is checked between batches. ``batch_size`` overrides
     ``captioner.batch_size``. ``load_captioner()`` returns the captioner to use (the caller
     keeps and closes it; the captioning node reuses one across runs); by default one is built
-    from ``config.captioner`` when something is pending and closed at the end.
+    from ``config.captioner`` when something is pending and closed at the end. ``ray`` (a
+    ``cluster.RayJob``) captions on a Ray cluster instead, through the same commits.
 
     Raises ConfigError / GalleryError / ModelLoadError for unusable inputs.
     """
@@ -334,20 +335,28 @@ def run_captioning(gallery_dir, config, state_dir=None, *, limit=None, force=Fal
     state.mkdir(parents=True, exist_ok=True)
     with _exclusive_run(state):
         summary = _run_locked(gallery_dir, config, state, identity, version, limit, force,
-                              batch_size, progress, stop, load_captioner)
+                              batch_size, progress, stop, load_captioner, ray)
     summary.elapsed_s = time.perf_counter() - start
     return summary
 
 
 def _run_locked(gallery_dir, config, state_dir, identity, version, limit, force, batch_size,
-                progress, stop, load_captioner):
+                progress, stop, load_captioner, ray):
     """Run the body of :func:`run_captioning` (the caller holds the state folder's lock)."""
     plan = _plan(gallery_dir, state_dir, identity, version)
     summary = CaptionSummary(identity, version, skipped=list(plan.gallery.problems),
                              state_dir=str(plan.state))
     todo = _todo(plan, force, limit)
     embed = _CaptionEmbedder(plan.state, config, summary)
-    if todo:
+    if todo and ray is not None:
+        from cgrs_ros.engine.cluster import caption_batches
+        summary.models_loaded.append(f'{identity} ({ray.describe()})')
+        rows = [(content, plan.gallery.path_of(item), item.platform) for content, item in todo]
+        outcomes = caption_batches(ray, config.captioner, identity, version, rows,
+                                   batch_size or config.captioner.model_dump().get(
+                                       'batch_size') or 8)
+        _caption_batches(outcomes, plan, todo, summary, embed, progress, stop)
+    elif todo:
         owned = load_captioner is None
         if owned:
             from cgrs_ros.engine.captioners import make_captioner
@@ -363,7 +372,9 @@ def _run_locked(gallery_dir, config, state_dir, identity, version, limit, force,
                     captioner.identity, captioner.prompt_version)
                 plan = _plan(gallery_dir, state_dir, identity, version)
                 todo = _todo(plan, force, limit)
-            _caption_batches(captioner, plan, todo, summary, embed, batch_size, progress, stop)
+            outcomes = _local_batches(captioner, plan, todo, summary,
+                                      batch_size or captioner.batch_size)
+            _caption_batches(outcomes, plan, todo, summary, embed, progress, stop)
         finally:
             if owned:
                 captioner.close()
@@ -379,10 +390,73 @@ def _run_locked(gallery_dir, config, state_dir, identity, version, limit, force,
     return summary
 
 
-def _caption_batches(captioner, plan, todo, summary, embed, batch_size, progress, stop):
-    """Caption ``todo`` batch by batch with a loaded captioner, committing each batch."""
-    identity, version = summary.captioner, summary.prompt_version
-    size = batch_size or captioner.batch_size
+@dataclasses.dataclass
+class BatchOutcome:
+    """What captioning one batch produced, before it is committed.
+
+    ``records`` one CaptionRecord per image; ``texts`` the new captions; ``bad`` {content hash:
+    reason} of images that did not decode; ``model_failures`` images the model failed on;
+    ``ready`` images that decoded (the model saw them).
+    """
+
+    size: int
+    records: list
+    texts: list
+    bad: dict
+    model_failures: int
+    ready: int
+
+
+def caption_rows(captioner, identity, version, rows):
+    """Caption one batch of ``(content hash, image path, platform)``; return a BatchOutcome.
+
+    Runs where the captioner is: in this process, or in a Ray actor (cluster.py).
+    """
+    records, texts, bad = [], [], {}
+    images, ready = [], []
+    for content, path, platform in rows:
+        try:
+            images.append(decode_image(path))
+            ready.append((content, platform))
+        except Exception as exc:  # any decoder error: this image fails, the run goes on
+            bad[content] = f'{DECODE_ERROR} ({type(exc).__name__}: {exc})'
+            records.append(CaptionRecord(content, identity, version, 'failed',
+                                         error=bad[content]))
+    outcomes = []
+    if images:
+        try:
+            outcomes = captioner.caption(images, [platform for _, platform in ready])
+        except Exception as exc:  # a model/endpoint error fails this batch only
+            reason = f'captioner error ({type(exc).__name__}: {exc})'
+            outcomes = [None] * len(images)
+            for content, _ in ready:
+                records.append(CaptionRecord(content, identity, version, 'failed',
+                                             error=reason))
+    model_failures = 0
+    for (content, _), outcome in zip(ready, outcomes):
+        if outcome is None:
+            model_failures += 1
+        elif outcome.ok:
+            records.append(CaptionRecord(content, identity, version, 'ok',
+                                         text=outcome.caption))
+            texts.append(outcome.caption)
+        else:
+            model_failures += 1
+            records.append(CaptionRecord(content, identity, version, 'failed',
+                                         error=outcome.error or 'no caption'))
+    return BatchOutcome(len(rows), records, texts, bad, model_failures, len(ready))
+
+
+def _local_batches(captioner, plan, todo, summary, size):
+    """Caption ``todo`` here, batch by batch (a generator: the caller stops pulling to stop)."""
+    for first in range(0, len(todo), size):
+        rows = [(content, plan.gallery.path_of(item), item.platform)
+                for content, item in todo[first:first + size]]
+        yield caption_rows(captioner, summary.captioner, summary.prompt_version, rows)
+
+
+def _caption_batches(outcomes, plan, todo, summary, embed, progress, stop):
+    """Commit the batches ``outcomes`` yields, one transaction each, and count them."""
     summary.attempted = len(todo)
     already = sum(1 for content in plan.hashes if plan.rows.get(content) == 'ok')
     items_of = {}
@@ -404,57 +478,28 @@ def _caption_batches(captioner, plan, todo, summary, embed, batch_size, progress
     hash_cache = FileHashCache(plan.state)
     store = CaptionStore(caption_store_path(plan.state))
     try:
-        for first in range(0, len(todo), size):
-            if stop is not None and stop.is_set():
+        while True:
+            if stop is not None and stop.is_set() and done < len(todo):
                 summary.stopped = True
                 break
-            batch = todo[first:first + size]
-            records, texts, bad = [], [], {}
-            images, ready = [], []
-            for content, item in batch:
-                try:
-                    images.append(decode_image(plan.gallery.path_of(item)))
-                    ready.append((content, item))
-                except Exception as exc:  # any decoder error: this image fails, the run goes on
-                    bad[content] = f'{DECODE_ERROR} ({type(exc).__name__}: {exc})'
-                    records.append(CaptionRecord(content, identity, version, 'failed',
-                                                 error=bad[content]))
-            outcomes = []
-            if images:
-                try:
-                    outcomes = captioner.caption(images, [item.platform for _, item in ready])
-                except Exception as exc:  # a model/endpoint error fails this batch only
-                    reason = f'captioner error ({type(exc).__name__}: {exc})'
-                    outcomes = [None] * len(images)
-                    for content, _ in ready:
-                        records.append(CaptionRecord(content, identity, version, 'failed',
-                                                     error=reason))
-            model_failures = 0
-            for (content, _), outcome in zip(ready, outcomes):
-                if outcome is None:
-                    model_failures += 1
-                elif outcome.ok:
-                    records.append(CaptionRecord(content, identity, version, 'ok',
-                                                 text=outcome.caption))
-                    texts.append(outcome.caption)
-                else:
-                    model_failures += 1
-                    records.append(CaptionRecord(content, identity, version, 'failed',
-                                                 error=outcome.error or 'no caption'))
+            batch = next(outcomes, None)
+            if batch is None:
+                break
+            records = batch.records
             store.put_many(records)  # one transaction: the batch is in, or not at all
-            if bad:
-                hash_cache.mark_undecodable(bad)
-            embed(texts)
-            done += len(batch)
-            summary.new_captions += len(texts)
-            summary.new_failures += len(batch) - len(texts)
+            if batch.bad:
+                hash_cache.mark_undecodable(batch.bad)
+            embed(batch.texts)
+            done += batch.size
+            summary.new_captions += len(batch.texts)
+            summary.new_failures += batch.size - len(batch.texts)
             already += sum(items_of[r.content_hash] for r in records if r.status == 'ok'
                            and plan.rows.get(r.content_hash) != 'ok')
             for rec in records:
                 plan.rows[rec.content_hash] = rec.status
             report()
-            failed_in_a_row = failed_in_a_row + 1 if ready and model_failures == len(ready) \
-                else 0
+            failed_in_a_row = failed_in_a_row + 1 if batch.ready and \
+                batch.model_failures == batch.ready else 0
             if failed_in_a_row >= ABORT_AFTER_FAILED_BATCHES:
                 last = next(r.error for r in reversed(records) if r.status == 'failed')
                 summary.aborted = (

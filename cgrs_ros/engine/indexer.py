@@ -27,6 +27,7 @@ import time
 from cgrs_ros.engine.captions import (caption_source_for, caption_store_path, CaptionRecord,
                                       CaptionSource, CaptionStore, manifest_caption,
                                       MANIFEST_CAPTIONER, repair_caption_store)
+from cgrs_ros.engine.cluster import decode_failure
 from cgrs_ros.engine.encoders import (image_encoder_identity, load_image_encoder,
                                       load_text_encoder, text_encoder_identity)
 from cgrs_ros.engine.errors import ConfigError, GalleryError, StateError
@@ -93,32 +94,49 @@ def _chunks(seq, size):
         yield seq[start:start + size]
 
 
+def _encode_here(encoder, todo, path_of_hash, platform_of_hash):
+    """Embed images in this process; yield ``(keys, vectors, {key: decode error})`` batches."""
+    for batch in _chunks(todo, encoder.batch_size):
+        images, keys, platforms, failures = [], [], [], {}
+        for content in batch:
+            try:
+                images.append(decode_image(path_of_hash[content]))
+                keys.append(content)
+                platforms.append(platform_of_hash[content])
+            except Exception as exc:  # any decoder error: skip this image, keep going
+                failures[content] = decode_failure(exc)
+        vectors = (encoder.encode_images(images, platforms=platforms) if images
+                   else np.zeros((0, encoder.dim), dtype=np.float32))
+        yield keys, vectors, failures
+
+
 def _embed_images(todo, path_of_hash, platform_of_hash, config, store, hash_cache, summary,
-                  progress):
+                  progress, ray=None):
     """Embed images (by content hash) into ``store``; returns {hash: decode error}.
 
     An encoder with platform experts gets each image's platform (the first row's, when the
-    same file appears under two platforms).
+    same file appears under two platforms). ``ray`` (a ``cluster.RayJob``) embeds them on a
+    Ray cluster instead; either way the batches are committed here, every
+    ``checkpoint_every`` images.
     """
-    encoder = load_image_encoder(config.image_encoder)
-    summary.models_loaded.append(encoder.identity)
+    if ray is None:
+        encoder = load_image_encoder(config.image_encoder)
+        summary.models_loaded.append(encoder.identity)
+        batches = _encode_here(encoder, todo, path_of_hash, platform_of_hash)
+    else:
+        from cgrs_ros.engine.cluster import embed_images
+        summary.models_loaded.append(image_encoder_identity(config.image_encoder))
+        batches = embed_images(ray, config.image_encoder, todo, path_of_hash, platform_of_hash)
     failures, pending_keys, pending_vecs = {}, [], []
     bar = tqdm(total=len(todo), desc='embedding images', unit='img', disable=not progress)
     try:
-        for batch in _chunks(todo, encoder.batch_size):
-            images, keys, platforms = [], [], []
-            for content in batch:
-                try:
-                    images.append(decode_image(path_of_hash[content]))
-                    keys.append(content)
-                    platforms.append(platform_of_hash[content])
-                except Exception as exc:  # any decoder error: skip this image, keep going
-                    failures[content] = f'cannot decode image ({type(exc).__name__}: {exc})'
-            if images:
-                pending_vecs.append(encoder.encode_images(images, platforms=platforms))
+        for keys, vectors, batch_failures in batches:
+            failures.update(batch_failures)
+            if keys:
+                pending_vecs.append(vectors)
                 pending_keys.extend(keys)
-                summary.images_embedded += len(images)
-            bar.update(len(batch))
+                summary.images_embedded += len(keys)
+            bar.update(len(keys) + len(batch_failures))
             if len(pending_keys) >= config.image_encoder.checkpoint_every:
                 _flush(store, pending_keys, pending_vecs)
                 hash_cache.mark_undecodable(failures)
@@ -188,12 +206,14 @@ def embed_caption_texts(state_dir, text_config, texts, progress=False):
 
 
 def index_gallery(gallery_dir, config, state_dir=None, progress=True, replace_index=False,
-                  log=None):
+                  log=None, ray=None):
     """Index a gallery incrementally; returns an :class:`IndexSummary`.
 
     ``replace_index``: write a new image index even when its recall@10 is lower than the saved
     one's (otherwise the saved one is kept and ``summary.image_index`` says why). ``log``
-    hears the index build's steps (training, tuning) as lines of text.
+    hears the index build's steps (training, tuning) as lines of text. ``ray`` (a
+    ``cluster.RayJob``) embeds the images on a Ray cluster (cluster.py), through the same
+    checkpointed store.
 
     Raises GalleryError when no manifest row is usable and ConfigError when there is nothing
     to search with (no image encoder and no captions).
@@ -240,7 +260,7 @@ def index_gallery(gallery_dir, config, state_dir=None, progress=True, replace_in
             todo = [c for c in path_of_hash if c not in have and c not in known_bad]
             if todo:
                 new_bad = _embed_images(todo, path_of_hash, platform_of_hash, config, store,
-                                        hash_cache, summary, progress)
+                                        hash_cache, summary, progress, ray)
                 worked.update(todo)
                 known_bad.update(new_bad)
             bad = {c: known_bad[c] for c in set(hashes) if c in known_bad}
