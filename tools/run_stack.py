@@ -2,8 +2,8 @@
 
 Generates the demo world on first run (deterministic, into demo/world), then starts the
 stack exactly as `ros2 launch cgrs_ros navigation.launch.py` would, through `cgrs launch`,
-with the operator console on (console:=true), and says how to send a goal. Ctrl-C stops it. Extra launch arguments pass through:
-`make run ARGS='log_level:=debug'`.
+with the operator console on (console:=true), and says how to send a goal. Ctrl-C stops it.
+Extra launch arguments pass through: `make run ARGS='log_level:=debug'`.
 """
 
 import os
