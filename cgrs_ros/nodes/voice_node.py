@@ -51,7 +51,7 @@ PARAMETERS = (
     Param('file_loop', False, 'Play audio_file again and again.', read_only=True),
     Param('trigger', 'always', 'always: every utterance; push_to_talk: only after ~/listen; '
           'wake_phrase: utterances starting with wake_phrase.', choices=TRIGGERS, read_only=True),
-    Param('wake_phrase', 'hey drone', 'Words that open a goal (trigger wake_phrase).',
+    Param('wake_phrase', 'hello drone', 'Words that open a goal (trigger wake_phrase).',
           read_only=True),
     Param('wake_timeout_s', 5.0, 'After the wake phrase alone, seconds to wait for the goal.',
           minimum=0.5, maximum=120.0),

@@ -31,6 +31,7 @@ from cgrs_ros.engine.speech.vocabulary import COMMAND_PHRASES, spoken_form, Voca
 import numpy as np
 
 TRIGGERS = ('always', 'push_to_talk', 'wake_phrase')
+WAKE_WEIGHT = 20          # the wake phrase counts as this many sentences in the vocabulary
 CLIPPED_SHARE = 0.01      # more clipped samples than this in a chunk: report the input gain
 
 
@@ -84,7 +85,7 @@ class VoiceListener:
         self.trigger = trigger
         self.wake_words = spoken_form(wake_phrase).split()
         if trigger == 'wake_phrase' and not self.wake_words:
-            raise ConfigError('trigger wake_phrase needs a wake_phrase, e.g. "hey drone"')
+            raise ConfigError('trigger wake_phrase needs a wake_phrase, e.g. "hello drone"')
         self.wake_timeout_s = wake_timeout_s
         self.min_confidence = min_confidence
         self.on_utterance = on_utterance or (lambda utterance: None)
@@ -310,7 +311,10 @@ def open_listener(section, gallery_dir='', trigger='always', wake_phrase='', **k
     settings = SpeechSettings.from_section(section)
     phrases = list(settings.phrases)
     if wake_phrase:
-        phrases += [wake_phrase] + [f'{wake_phrase} {command}' for command in COMMAND_PHRASES]
+        # Weighted like a frequent sentence: goals start with it, so "<s> hello drone" must be
+        # likelier than the gallery's "<s> a drone ...".
+        phrases += [wake_phrase] * WAKE_WEIGHT
+        phrases += [f'{wake_phrase} {command}' for command in COMMAND_PHRASES]
     if settings.vocabulary == 'gallery' and gallery_dir:
         vocabulary = Vocabulary.from_gallery(gallery_dir, phrases)
     elif settings.vocabulary == 'gallery' and settings.phrases:

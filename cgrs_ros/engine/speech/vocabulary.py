@@ -84,7 +84,7 @@ class Vocabulary:
         import io
 
         from pocketsphinx.lm import ArpaBoLM
-        model = ArpaBoLM(text='\n'.join(sorted(set(self.sentences))) + '\n', add_start=True)
+        model = ArpaBoLM(text='\n'.join(self.sentences) + '\n', add_start=True)
         model.compute()
         out = io.StringIO()
         model.write(out)
