@@ -20,7 +20,9 @@ this node is its ROS side and talks to retrieval_node like any other client:
 Binds ``console.host`` (127.0.0.1); any other address needs ``console.token``.
 """
 
+import asyncio
 import collections
+import itertools
 import math
 import threading
 import time
@@ -97,13 +99,12 @@ class ConsoleNode(Node):
         self._lock = threading.Lock()
         self._history = collections.deque(maxlen=self.params['history_size'])
         self._active = {}            # local goal id -> ClientGoalHandle
-        self._goal_ids = iter(range(1, 1 << 62))
+        self._goal_ids = itertools.count(1)
         self._drone = {}
         self._drone_sent = 0.0
         self._prior = None
         self._voice = False
-        frame = self.params['map_frame']
-        self._frame = frame
+        self._frame = self.params['map_frame']
 
         group = ReentrantCallbackGroup()
         target = self.params['retrieval_node']
@@ -182,10 +183,14 @@ class ConsoleNode(Node):
     def _ask_prior(self):
         if not self._get_params.service_is_ready():
             return
-        self._prior_timer.cancel()
-        future = self._get_params.call_async(GetParameters.Request(names=list(PRIOR_KEYS)))
-        future.add_done_callback(lambda f: self._set_prior_values(dict(zip(
-            PRIOR_KEYS, (v.double_value for v in f.result().values)))) if f.result() else None)
+        self._prior_timer.cancel()  # asked once; /parameter_events tells the changes
+
+        def answered(future):
+            if future.result() is not None:
+                values = (v.double_value for v in future.result().values)
+                self._set_prior_values(dict(zip(PRIOR_KEYS, values)))
+        self._get_params.call_async(GetParameters.Request(names=list(PRIOR_KEYS))
+                                    ).add_done_callback(answered)
 
     def _on_param_event(self, msg):
         if msg.node != self._target:
@@ -211,7 +216,7 @@ class ConsoleNode(Node):
 
     # ---- what the page may ask (called on the web thread; futures bridged to asyncio) ----
     def _bridge(self, rclpy_future, convert_result):
-        import asyncio
+        """Return an asyncio future (of the web thread) for an rclpy future, converted."""
         loop = asyncio.get_running_loop()
         out = loop.create_future()
 
