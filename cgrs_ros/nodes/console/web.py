@@ -133,7 +133,7 @@ class ConsoleApp:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the port when 0 was asked
+        self.port = self._runner.addresses[0][1]  # the port, when 0 (any) was asked
 
     def stop(self):
         """Close the sockets and stop the server thread."""
