@@ -218,7 +218,7 @@ class VoiceNode(Node):
     def _publish_diagnostics(self):
         status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: voice',
                                   hardware_id=self.params['audio_source'])
-        values = {'engine': self._state, 'trigger': self.params['trigger'],
+        values = {'recogniser_state': self._state, 'trigger': self.params['trigger'],
                   'audio_source': self.params['audio_source']}
         listener = self._listener
         if listener is not None:

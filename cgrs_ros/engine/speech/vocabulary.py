@@ -56,10 +56,15 @@ class Vocabulary:
         """Build a vocabulary from description texts, extra phrases and command phrases."""
         sentences, compounds = [], {}
         for text in [*texts, *phrases]:
-            sentences.extend(sentences_of(text))
+            for sentence in sentences_of(text):
+                sentences.append(sentence)
+                # Goals name a described place with "the": "a red roof..." -> "the red roof...".
+                first, _, rest = sentence.partition(' ')
+                if first in ('a', 'an') and rest:
+                    sentences.append(f'the {rest}')
             for compound in re.findall(r"[A-Za-z']+(?:-[A-Za-z']+)+", text):
                 compounds[tuple(compound.lower().split('-'))] = compound.lower()
-        sentences.extend(spoken_form(command) for command in commands)
+        sentences.extend(spoken_form(f'{command} the') for command in commands)
         return cls(sentences, compounds, source)
 
     @classmethod
