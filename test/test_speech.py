@@ -18,7 +18,8 @@ import time
 
 from cgrs_ros.engine.demo import generate_demo_world
 from cgrs_ros.engine.errors import ConfigError, ModelLoadError
-from cgrs_ros.engine.speech.audio import AudioError, decode_pcm, FileSource, read_audio
+from cgrs_ros.engine.speech.audio import (AudioError, decode_pcm, FileSource, MicrophoneSource,
+                                          read_audio)
 from cgrs_ros.engine.speech.listener import open_listener
 from cgrs_ros.engine.speech.recognisers import make_recogniser
 from cgrs_ros.engine.speech.vocabulary import spoken_form, Vocabulary
@@ -184,6 +185,16 @@ def test_file_source_plays_a_folder_into_the_listener(town):
     assert len(heard) == 2 and word_error_rate(town['goals'][5:7], [u.text for u in heard]) <= 0.3
     with pytest.raises(AudioError, match='does not exist'):
         FileSource(town['root'] / 'missing.wav', listener.process)
+
+
+def test_the_microphone_opens_or_says_how_to_find_one():
+    try:
+        source = MicrophoneSource(lambda samples, rate: None)
+    except AudioError as exc:  # this machine has no input device (CI, containers)
+        assert 'python -m sounddevice' in str(exc) and 'audio_source:=topic' in str(exc)
+    else:                      # a machine with a microphone
+        source.start()
+        source.stop()
 
 
 class _TranscriptionHandler(http.server.BaseHTTPRequestHandler):

@@ -192,7 +192,7 @@ class FileSource:
 class MicrophoneSource:
     """The default (or a named) input device through PortAudio, via ``sounddevice``."""
 
-    def __init__(self, deliver, device='', rate=RATE, chunk_s=0.1):
+    def __init__(self, deliver, device='', rate=None, chunk_s=0.1):
         try:
             import sounddevice
         except (ImportError, OSError) as exc:
@@ -207,6 +207,8 @@ class MicrophoneSource:
             deliver(indata.copy(), rate)
 
         try:
+            # The device's own rate (many refuse 16 kHz); the listener resamples.
+            rate = rate or int(sounddevice.query_devices(device, 'input')['default_samplerate'])
             self._stream = sounddevice.InputStream(
                 device=device, channels=1, samplerate=rate, dtype='float32',
                 blocksize=int(chunk_s * rate), callback=callback)
