@@ -100,7 +100,8 @@ def test_bench_reports_the_figures(tiny_open_clip_dir, capsys):
         assert key in result, key
     assert result['gallery_size'] == 300 and result['caption_channel'] == 'hybrid'
     assert result['ratio_p50_to_floor'] == pytest.approx(result['p50_ms'] / result['floor_ms'])
-    # float32 vectors of both channels + two int64 row tables per index
-    assert result['index_bytes_per_item'] == 4 * (32 + 384) + 2 * 2 * 8
+    # float32 vectors of both channels + per index three int64 row tables (item, row, item
+    # digest) and an int8 one (platform)
+    assert result['index_bytes_per_item'] == 4 * (32 + 384) + 2 * (3 * 8 + 1)
     assert result['first_images_embedded'] == 3 and result['second_images_embedded'] == 0
     assert result['second_models_loaded'] == 0

@@ -11,10 +11,20 @@ from cgrs_ros.engine.errors import CgrsError
 
 def _format_query(r):
     stages = ', '.join(f'{k} {v["p50"]:.1f}' for k, v in r['stages_ms'].items())
-    return (f'N={r["gallery_size"]:>8}: p50 {r["p50_ms"]:7.1f} ms  p95 {r["p95_ms"]:7.1f} ms  '
-            f'floor {r["floor_ms"]:7.1f} ms  ratio {r["ratio_p50_to_floor"]:.2f}  '
-            f'{r["bytes_per_item"]:.0f} B/item (indexes {r["index_bytes_per_item"]:.0f})  '
-            f'[p50 per stage: {stages}]')
+    lines = [f'N={r["gallery_size"]:>8}: p50 {r["p50_ms"]:7.1f} ms  p95 {r["p95_ms"]:7.1f} ms  '
+             f'floor {r["floor_ms"]:7.1f} ms  ratio {r["ratio_p50_to_floor"]:.2f}  '
+             f'{r["bytes_per_item"]:.0f} B/item (indexes {r["index_bytes_per_item"]:.0f}, '
+             f'area filter {r["area_filter_bytes_per_item"]:.0f})  [p50 per stage: {stages}]']
+    if r.get('index_type'):
+        recall = r['recall_at_10']
+        lines.append(f'           image index {r["index_type"]} ({r["index_factory"]}), recall@10 '
+                     f'{recall:.3f} vs exact, {r["search_breadth"]}, built in '
+                     f'{r["index_build_s"]:.0f} s, opened (mmap) in {r["index_open_s"]:.2f} s')
+    for radius, f in r.get('radius_queries', {}).items():
+        lines.append(f'           within {radius} m (~{f["items_inside_p50"]:.0f} items): p50 '
+                     f'{f["p50_ms"]:.1f} ms (coarse {f["coarse_p50_ms"]:.1f}) vs unfiltered '
+                     f'{f["unfiltered_p50_ms"]:.1f} ms')
+    return '\n'.join(lines)
 
 
 def run(args):
@@ -32,8 +42,14 @@ def run(args):
     results = []
     for size in args.gallery_size:
         say(f'gallery of {size} items, {args.queries} queries ...')
-        result = bench.bench_query(size, image, text, n_queries=args.queries,
-                                   retrieval=retrieval, query_threads=args.query_threads)
+        index = {key: value for key, value in (('type', args.index_type),
+                                               ('nprobe', args.nprobe)) if value is not None}
+        captions = (size <= args.captions_max) if args.captions == 'auto' else (
+            args.captions == 'on')
+        result = bench.bench_query(
+            size, image, text, n_queries=args.queries, retrieval=retrieval,
+            query_threads=args.query_threads, index=index, captions=captions, radii=args.radius,
+            log=say)
         results.append(result)
         if not args.json:
             print(_format_query(result))
@@ -94,6 +110,18 @@ def register(subparsers):
     parser.add_argument('--fusion', choices=('weighted', 'rrf'))
     parser.add_argument('--coarse-k', type=int)
     parser.add_argument('--config', metavar='FILE', help='take the retrieval section from here')
+    parser.add_argument('--index-type', metavar='TYPE',
+                        help='image index type, as index.type in the config (default: auto, '
+                             'by gallery size)')
+    parser.add_argument('--nprobe', type=positive_int,
+                        help='IVF lists searched (default: tuned at build to reach recall 0.95)')
+    parser.add_argument('--captions', choices=('auto', 'on', 'off'), default='auto',
+                        help='give every item a caption (an exact 384-d caption index, 1.5 kB '
+                             'an item); auto: up to --captions-max items')
+    parser.add_argument('--captions-max', type=positive_int, default=2_000_000, metavar='N')
+    parser.add_argument('--radius', type=float, nargs='*', default=[], metavar='M',
+                        help='also time queries restricted to M metres around a random gallery '
+                             'position (near), each against the same query unrestricted')
     parser.add_argument('--index-images', type=int, default=0, metavar='N',
                         help='also time indexing N generated images twice (default: skip)')
     parser.add_argument('--json', action='store_true', help='print the figures as JSON')

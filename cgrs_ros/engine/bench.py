@@ -26,7 +26,8 @@ import time
 
 from cgrs_ros.engine.config import load_config
 from cgrs_ros.engine.encoders import OpenClipEncoder, SentenceTransformerEncoder
-from cgrs_ros.engine.gallery import GalleryItem, PLATFORMS, write_manifest
+from cgrs_ros.engine.gallery import Gallery, GalleryItem, PLATFORMS, write_manifest
+from cgrs_ros.engine.index import VectorIndex
 from cgrs_ros.engine.query_norm import has_orientation_words
 import numpy as np
 
@@ -67,33 +68,137 @@ def _rss_bytes():
         return int(handle.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def _unit_rows(rng, n, dim, chunk=65536):
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, chunk):
-        block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start:start + len(block)] = block
-    return out
+class ClusteredVectors:
+    """N synthetic L2-normalized embeddings, generated block by block on demand.
+
+    Embeddings of real images are clustered (similar places lie close) and occupy far fewer
+    dimensions than they are given (the intrinsic dimension of CLIP-style embeddings is
+    reported in the tens), which is what makes approximate search work; uniformly random
+    vectors have no neighbours to find and would measure nothing useful. Row ``i`` is a
+    point of a 64-d latent space (one of ``n / 100`` place centres plus Gaussian spread,
+    cosine about 0.8 with its centre), mapped into ``dim`` dimensions by a fixed random
+    projection, plus a little isotropic noise (5 % of the norm), normalized. These are
+    assumptions, not measurements: recall on a real gallery is what ``cgrs index`` prints.
+
+    Any slice or sorted index array can be read; each block of 65536 rows comes from its own
+    seed, so a 10M x 512 gallery (20 GB as float32) is never held at once and reads the same
+    every time.
+    """
+
+    BLOCK = 65536
+    LATENT = 64
+
+    def __init__(self, n, dim, seed=0, per_cluster=100):
+        """Describe the vectors (only the centres and the projection are generated now)."""
+        self.shape = (int(n), int(dim))
+        self.dtype = np.dtype(np.float32)
+        self.seed = seed
+        rng = np.random.default_rng([seed, 0])
+        latent = min(self.LATENT, dim)
+        self.centres = rng.standard_normal((max(1, n // per_cluster), latent), dtype=np.float32)
+        self.projection = np.linalg.qr(rng.standard_normal((dim, latent)))[0].T.astype(
+            np.float32)
+        self._cache = (None, None)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def block(self, b):
+        """Return rows ``b * BLOCK`` onward (one block) as float32."""
+        if self._cache[0] == b:
+            return self._cache[1]
+        lo = b * self.BLOCK
+        count = min(self.BLOCK, self.shape[0] - lo)
+        rng = np.random.default_rng([self.seed, 1, b])
+        latent = self.centres[rng.integers(0, len(self.centres), count)]
+        latent += rng.standard_normal(latent.shape, dtype=np.float32) * np.float32(0.75)
+        rows = latent @ self.projection
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        rows += rng.standard_normal(rows.shape, dtype=np.float32) * np.float32(
+            0.05 / np.sqrt(self.shape[1]))
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        self._cache = (b, rows)
+        return rows
+
+    def __getitem__(self, rows):
+        """Return the rows of a slice or of a sorted int array (float32)."""
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        blocks = rows // self.BLOCK
+        for b in np.unique(blocks):
+            take = np.flatnonzero(blocks == b)
+            out[take] = self.block(int(b))[rows[take] - b * self.BLOCK]
+        return out
 
 
-def synthetic_gallery(n, seed=0):
-    """Return (Gallery, captions) of ``n`` synthetic items (no image files)."""
-    from cgrs_ros.engine.gallery import Gallery
+class SyntheticGallery(Gallery):
+    """A gallery of N synthetic items held as columns, items made when a result names them.
+
+    (10M GalleryItem objects would take about 10 GB.)
+
+    Items are sorted by platform (so vectors are read in order while the index is built) and
+    spread over a square whose side grows with sqrt(N) (0.1 degree at 100k items: about
+    1,300 images per km2, a dense multi-platform gallery at any size).
+    """
+
+    def __init__(self, n, seed=0):  # noqa: D107 (documented on the class)
+        rng = np.random.default_rng(seed)
+        self.root = Path('/nonexistent-synthetic-gallery')
+        self.problems, self.manifest = [], None
+        self.codes = np.sort(rng.choice(len(PLATFORMS), size=n, p=PLATFORM_SHARE)).astype(
+            np.int8)
+        side = 0.1 * np.sqrt(n / 100_000)
+        self.lat = 47.0 + rng.random(n) * side
+        self.lon = 8.0 + rng.random(n) * side
+        self.items = _LazyItems(self)
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def coordinates(self):
+        """Return (lat, lon) arrays (area.py reads these instead of the items)."""
+        return self.lat, self.lon
+
+    def platform_codes(self):
+        """Return the platform codes (retriever.py reads these instead of the items)."""
+        return self.codes
+
+    def item(self, i):
+        """Return item ``i`` as a GalleryItem."""
+        return GalleryItem(f'img{i:08d}', f'images/{i:08d}.jpg', float(self.lat[i]),
+                           float(self.lon[i]), 400.0, float(i % 360),
+                           PLATFORMS[self.codes[i]], f'b{i // 50:06d}', (), i + 2)
+
+    def get(self, image_id):
+        """Return the item with this id, or None."""
+        i = int(image_id[3:]) if image_id.startswith('img') and image_id[3:].isdigit() else -1
+        return self.item(i) if 0 <= i < self.n else None
+
+
+class _LazyItems:
+    def __init__(self, gallery):
+        self.gallery = gallery
+
+    def __len__(self):
+        return self.gallery.n
+
+    def __getitem__(self, i):
+        return self.gallery.item(int(i))
+
+    def __iter__(self):
+        return (self.gallery.item(i) for i in range(self.gallery.n))
+
+
+def synthetic_captions(n, seed=0):
+    """Return ``n`` operator-style captions (for the caption channel of a synthetic gallery)."""
     rng = np.random.default_rng(seed)
-    platforms = rng.choice(len(PLATFORMS), size=n, p=PLATFORM_SHARE)
-    lat = 47.0 + rng.random(n) * 0.1
-    lon = 8.0 + rng.random(n) * 0.1
-    items, captions = [], []
-    for i in range(n):
-        items.append(GalleryItem(f'img{i:08d}', f'images/{i:08d}.jpg', float(lat[i]),
-                                 float(lon[i]), 400.0, float(i % 360),
-                                 PLATFORMS[platforms[i]], f'b{i // 50:06d}', (), i + 2))
-        words = rng.choice(len(_WORDS), 3)
-        things = rng.choice(len(_THINGS), 3)
-        captions.append(f'a {_WORDS[words[0]]} {_THINGS[things[0]]} next to a '
-                        f'{_WORDS[words[1]]} {_THINGS[things[1]]}, with a {_WORDS[words[2]]} '
-                        f'{_THINGS[things[2]]} behind it.')
-    return Gallery('/nonexistent-synthetic-gallery', items, []), captions
+    words = rng.integers(0, len(_WORDS), (n, 3))
+    things = rng.integers(0, len(_THINGS), (n, 3))
+    return [f'a {_WORDS[w[0]]} {_THINGS[t[0]]} next to a {_WORDS[w[1]]} {_THINGS[t[1]]}, '
+            f'with a {_WORDS[w[2]]} {_THINGS[t[2]]} behind it.' for w, t in zip(words, things)]
 
 
 def load_bench_encoders(image_model='ViT-B-32', text_model='all-MiniLM-L6-v2', threads=0):
@@ -117,12 +222,21 @@ def _pct(values, q):
 
 
 def bench_query(gallery_size, image_encoder, text_encoder, n_queries=50, retrieval=None,
-                seed=0, warmup=3, query_threads=1):
-    """Measure query latency, its floor and memory per item on a synthetic gallery."""
+                seed=0, warmup=3, query_threads=1, index=None, captions=True,
+                radii=(), log=None):
+    """Measure query latency, its floor and memory per item on a synthetic gallery.
+
+    ``index``: the ``index`` config section for the image index (type, breadth, ...);
+    ``captions``: give every item a caption (a flat 384-d caption index: 1.5 kB an item, so
+    off for the 10M runs); ``radii``: also time queries restricted to that many metres around
+    a random gallery position (``near``), interleaved with unrestricted ones.
+    """
+    from cgrs_ros.engine.area import area_filter_for, SearchArea
     from cgrs_ros.engine.retriever import Retriever
     overrides = {'retrieval': dict(retrieval or {}),
                  'image_encoder': {'query_threads': query_threads},
-                 'text_encoder': {'query_threads': query_threads}}
+                 'text_encoder': {'query_threads': query_threads},
+                 'index': dict(index or {})}
     if image_encoder is None:
         overrides['image_encoder']['backend'] = 'none'
     config = load_config(None, overrides)
@@ -130,59 +244,93 @@ def bench_query(gallery_size, image_encoder, text_encoder, n_queries=50, retriev
     threads = query_threads
     gc.collect()
     rss_before = _rss_bytes()
-    gallery, captions = synthetic_gallery(gallery_size, seed)
-    rng = np.random.default_rng(seed + 1)
-    image_vectors = (_unit_rows(rng, gallery_size, image_encoder.dim)
+    gallery = SyntheticGallery(gallery_size, seed)
+    texts = synthetic_captions(gallery_size, seed) if captions else None
+    image_vectors = (ClusteredVectors(gallery_size, image_encoder.dim, seed + 1)
                      if image_encoder is not None else None)
-    caption_vectors = _unit_rows(rng, gallery_size, text_encoder.dim)
-    retriever = Retriever.from_arrays(gallery, config, image_encoder=image_encoder,
-                                      image_vectors=image_vectors, text_encoder=text_encoder,
-                                      caption_texts=captions, caption_vectors=caption_vectors)
+    caption_vectors = (ClusteredVectors(gallery_size, text_encoder.dim, seed + 2)[:]
+                       if captions else None)
+    retriever = Retriever.from_arrays(gallery, config, text_encoder=text_encoder,
+                                      caption_texts=texts, caption_vectors=caption_vectors)
+    build_s = open_s = None
+    if image_vectors is not None:
+        # Built, saved and opened memory-mapped, as `cgrs index` and a node do.
+        start = time.perf_counter()
+        built = VectorIndex.build(image_vectors, np.arange(gallery_size),
+                                  gallery.platform_codes(), gallery_size, settings=config.index,
+                                  log=log)
+        build_s = time.perf_counter() - start
+        folder = Path(tempfile.mkdtemp(prefix='cgrs-bench-index-'))
+        try:
+            built.save(folder / 'image', {})
+            del built
+            gc.collect()
+            start = time.perf_counter()
+            retriever._image_index = VectorIndex.load(folder / 'image', gallery_size, {},
+                                                      settings=config.index)
+            open_s = time.perf_counter() - start
+            retriever._image_encoder = image_encoder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the mapping stays valid until closed
     del image_vectors, caption_vectors
+    area = area_filter_for(gallery)  # built once per gallery, as a node does on its first area
     gc.collect()
     bytes_per_item = (_rss_bytes() - rss_before) / gallery_size
     image_index = retriever._image_index
     caption_index = retriever._captions.index
     index_bytes = ((image_index.nbytes() if image_index is not None else 0)
-                   + caption_index.nbytes())
+                   + (caption_index.nbytes() if caption_index is not None else 0))
     k = max(cfg.coarse_k, cfg.top_k)
 
     def floor(text):
         start = time.perf_counter()
         if image_encoder is not None:
             image_index.index.search(image_encoder.encode_texts([text], threads=threads), k)
-        if image_encoder is None or cfg.caption_channel == 'hybrid':
+        if caption_index is not None and (image_encoder is None
+                                          or cfg.caption_channel == 'hybrid'):
             caption_index.index.search(text_encoder.encode_texts([text], threads=threads), k)
-        else:
+        elif caption_index is not None:
             text_encoder.encode_texts([text], threads=threads)
         return (time.perf_counter() - start) * 1e3
 
-    def query(text):
+    def query(text, near=None):
         start = time.perf_counter()
-        result = retriever.query(text)
+        result = retriever.query(text, near=near)
         wall = (time.perf_counter() - start) * 1e3
-        return wall, result.timings_ms
+        return wall, result
 
     for text in QUERIES[:warmup]:
         floor(text)
         query(text)
+    rng = np.random.default_rng(seed + 3)
     totals, floors, stages, oriented = [], [], {'encode': [], 'coarse': [], 'captions': []}, []
+    filtered = {radius: {'total': [], 'coarse': [], 'inside': [], 'plain': []}
+                for radius in radii}
     for i in range(n_queries):
         text = QUERIES[i % len(QUERIES)]
         # Alternate which runs first so caches and load spikes favour neither.
         if i % 2:
-            wall, timings = query(text)
+            wall, result = query(text)
             floors.append(floor(text))
         else:
             floors.append(floor(text))
-            wall, timings = query(text)
+            wall, result = query(text)
         totals.append(wall)
         oriented.append(has_orientation_words(text))
         for name in stages:
-            stages[name].append(timings[name])
+            stages[name].append(result.timings_ms[name])
+        for radius, figures in filtered.items():
+            centre = int(rng.integers(gallery_size))
+            near = (gallery.lat[centre], gallery.lon[centre], float(radius))
+            wall, result = query(text, near)
+            figures['total'].append(wall)
+            figures['coarse'].append(result.timings_ms['coarse'])
+            figures['inside'].append(len(area.items_within(SearchArea.parse(near))))
+            figures['plain'].append(query(text)[0])  # the same query unrestricted, right after
     plain = [t for t, o in zip(totals, oriented) if not o]
     with_words = [t for t, o in zip(totals, oriented) if o]
     p50, floor_p50 = statistics.median(totals), statistics.median(floors)
+    info = image_index.info if image_index is not None else {}
     return {
         'gallery_size': gallery_size,
         'queries': n_queries,
@@ -191,10 +339,26 @@ def bench_query(gallery_size, image_encoder, text_encoder, n_queries=50, retriev
         'floor_ms': floor_p50,
         'floor_p95_ms': _pct(floors, 95),
         'ratio_p50_to_floor': p50 / floor_p50,
+        'p50_minus_floor_ms': p50 - floor_p50,
         'bytes_per_item': bytes_per_item,
         'index_bytes_per_item': index_bytes / gallery_size,
+        'area_filter_bytes_per_item': area.nbytes() / gallery_size,
         'stages_ms': {name: {'p50': _pct(v, 50), 'p95': _pct(v, 95)}
                       for name, v in stages.items()},
+        'index_type': info.get('type'),
+        'index_factory': info.get('factory'),
+        'recall_at_10': info.get('recall_at_10'),
+        'recall_queries': info.get('recall_queries'),
+        'search_breadth': {info.get('breadth_name'): info.get('breadth')},
+        'index_build_s': build_s,
+        'index_open_s': open_s,
+        'index_train_s': info.get('train_s'),
+        'radius_queries': {str(radius): {
+            'p50_ms': _pct(f['total'], 50), 'p95_ms': _pct(f['total'], 95),
+            'coarse_p50_ms': _pct(f['coarse'], 50),
+            'unfiltered_p50_ms': _pct(f['plain'], 50),
+            'items_inside_p50': _pct(f['inside'], 50)} for radius, f in filtered.items()},
+        'captions': bool(captions),
         'p50_ms_plain_queries': _pct(plain, 50),
         'p50_ms_orientation_queries': _pct(with_words, 50),
         'orientation_query_share': len(with_words) / n_queries,

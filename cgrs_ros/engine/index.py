@@ -40,6 +40,7 @@ opens in the time its checksum takes. Rows are appended to a trained index witho
 (:meth:`VectorIndex.add`), which is how ``cgrs index`` adds new images to a large gallery.
 """
 
+import contextlib
 import hashlib
 import math
 from pathlib import Path
@@ -127,7 +128,7 @@ def factory_string(kind, dim, n, settings):
         pq_m = settings.pq_m or max(1, dim // 4)
         if dim % pq_m:
             raise ValueError(f'index.pq_m {pq_m} must divide the vector dimension {dim}')
-        codes = f'PQ{pq_m}'
+        codes = f'PQ{pq_m}np'  # np: no polysemous training (minutes, for a filter unused)
     # An HNSW quantizer only pays off over many lists; a handful are scanned exactly.
     quantizer = f'_HNSW{m}' if nlist >= 256 else ''
     return f'IVF{nlist}{quantizer},{codes}'
@@ -146,6 +147,21 @@ def write_faiss_index(index, path):
         faiss.write_index(index, tmp)
         written = (Path(tmp).stat().st_size, sha256_file(tmp))
     return written
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run FAISS on one OpenMP thread in this thread (others keep their setting).
+
+    One query gains nothing from threads on a few shared cores and loses to threads waiting
+    on each other: decoding 2,000 rows took 4.7 ms on one thread and 12 ms on two here.
+    """
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def _rows_in(rows, rng):
@@ -180,12 +196,16 @@ class VectorIndex:
         self._hnsw = faiss.downcast_index(index) if isinstance(
             faiss.downcast_index(index), faiss.IndexHNSW) else None
         self._selections = {}
-        self._direct_map = False
+        self._places = None
+        self._mapping = None
+        self._lists = {}
         self.matrix = self._flat_matrix()
 
     def _flat_matrix(self):
-        """Return a zero-copy view of a flat index's vectors (None for other types)."""
+        """Return a zero-copy view of the float32 vectors of a flat or HNSW index, else None."""
         flat = faiss.downcast_index(self.index)
+        if isinstance(flat, faiss.IndexHNSW):
+            flat = faiss.downcast_index(flat.storage)
         if not isinstance(flat, faiss.IndexFlat):
             return None
         total = flat.ntotal * flat.d
@@ -229,22 +249,98 @@ class VectorIndex:
             ivf = faiss.try_extract_index_ivf(index)
             size = settings.train_size or max(10_000, 40 * (ivf.nlist if ivf else 1))
             sample = np.sort(rng.choice(n, size=min(n, size), replace=False))
+            if ivf is not None:
+                ivf.cp.niter = 10  # k-means rounds (FAISS: 25): keeps a 10M build in minutes
+            pq = getattr(faiss.downcast_index(ivf), 'pq', None) if ivf is not None else None
+            if pq is not None:  # one k-means per sub-vector: 128 of them took 71 s here
+                pq.cp.niter, pq.cp.max_points_per_centroid = 10, 64
             say(f'training {factory} on {len(sample)} of {n} vectors')
             index.train(np.ascontiguousarray(_take(vectors, order[sample]), dtype=np.float32))
         info['trained_rows'] = int(len(sample))
         info['train_s'] = time.perf_counter() - start
-        built = cls(index, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8), n_items,
-                    info=info, settings=settings)
+        # Recall is measured with held-out vectors that are not in the index yet (a query
+        # that is in an HNSW graph finds its own neighbours at any breadth, and reports 0.97
+        # where unseen queries get 0.39); they are added once the breadth is chosen.
+        held = np.zeros(0, dtype=np.int64)
+        count = min(settings.recall_queries, n // 10)  # a tenth at most, 10 at least
+        if kind != 'flat' and count >= 10:
+            rng = np.random.default_rng(settings.seed + 1)
+            pool = np.setdiff1d(np.arange(n), sample)
+            pool = pool if len(pool) >= count else np.arange(n)
+            held = np.sort(rng.choice(pool, size=count, replace=False))
+        first = np.setdiff1d(np.arange(n), held)
+        # IVF rows take their final numbers as ids (rows stay sorted by platform); an HNSW
+        # graph numbers rows as they come, so its held-out rows end up last.
+        ids = faiss.try_extract_index_ivf(index) is not None
+        perm = np.arange(n) if ids or not len(held) else np.concatenate([first, held])
+        keys = None if item_keys is None else np.asarray(item_keys)[order[perm]]
+        built = cls(index, item_indices[order[perm]], codes[order[perm]], n_items,
+                    row_keys=keys, info=info, settings=settings)
         start = time.perf_counter()
-        for lo in range(0, n, _CHUNK):
-            rows = order[lo:lo + _CHUNK]
-            built._append(_take(vectors, rows), item_indices[rows], codes[rows],
-                          None if item_keys is None else np.asarray(item_keys)[rows])
-            if n > _CHUNK:
-                say(f'added {min(n, lo + _CHUNK)} of {n} vectors')
+        built._add_rows(vectors, order, perm, first if ids else np.arange(len(first)), ids, say)
         built.info['add_s'] = time.perf_counter() - start
-        built.measure_recall(vectors, order, held_out=sample, log=say)
+        if len(held):
+            rows_in = first if ids else np.arange(len(first))
+            built._tune(_take(vectors, order[held]), vectors, order[perm[rows_in]], rows_in, say)
+            built._add_rows(vectors, order, perm, held if ids else np.arange(len(first), n),
+                            ids, say)
+        else:
+            built.info.update(recall_at_10=1.0 if kind == 'flat' else None, recall_queries=0,
+                              breadth=None, recall_rows=n)
+        built._refresh()
         return built
+
+    def _add_rows(self, vectors, order, perm, rows, with_ids, say):
+        """Add the vectors of ``rows`` (final row numbers) in chunks."""
+        for lo in range(0, len(rows), _CHUNK):
+            chunk = rows[lo:lo + _CHUNK]
+            block = np.ascontiguousarray(_take(vectors, order[perm[chunk]]), dtype=np.float32)
+            if with_ids:
+                self.index.add_with_ids(block, np.ascontiguousarray(chunk, dtype=np.int64))
+            else:
+                self.index.add(block)
+            if len(rows) > _CHUNK:
+                say(f'added {min(len(rows), lo + _CHUNK)} of {len(rows)} vectors')
+
+    def _refresh(self):
+        """Drop what was derived from the rows (after rows were added)."""
+        self._selections = {}
+        self._places = None
+        self._mapping = None
+        self._lists = {}
+        self.matrix = self._flat_matrix()
+
+    def _tune(self, queries, vectors, sources, rows, log):
+        """Measure recall@10 of held-out ``queries`` against an exact scan; store it in ``info``.
+
+        ``vectors[sources[i]]`` is the vector of indexed row ``rows[i]``. A breadth not
+        configured becomes the smallest reaching ``target_recall``, or where recall stops
+        growing (the codes' limit) when it never does.
+        """
+        say, settings = log, self.settings
+        start = time.perf_counter()
+        truth = rows[_exact_top(vectors, sources, queries, RECALL_K)]
+        say(f'exact top-{RECALL_K} of {len(queries)} held-out vectors in '
+            f'{time.perf_counter() - start:.1f} s')
+        name, configured = self._breadth_setting()
+        breadths = ([configured] if configured else
+                    [b for b in _BREADTHS if b <= self._breadth_max()] or [self._breadth_max()])
+        recall, breadth, last = 0.0, breadths[-1], None
+        for step in breadths:
+            self._set_breadth(step)
+            _, found = self.index.search(queries, RECALL_K)
+            got = _recall(found, truth)
+            say(f'{name} {step}: recall@{RECALL_K} {got:.3f}')
+            if last is not None and got - last < 0.002:
+                break  # a plateau under the target (the codes' limit): a wider search buys nothing
+            recall, breadth, last = got, step, got
+            if got >= settings.target_recall:
+                break
+        self._set_breadth(breadth)
+        self.info.update(recall_at_10=float(recall), recall_queries=int(len(queries)),
+                         recall_rows=len(rows), breadth=int(breadth), breadth_name=name,
+                         recall_method='held-out gallery vectors, added after the measurement')
+        return recall
 
     def _append(self, vectors, items, codes, keys=None):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -256,15 +352,13 @@ class VectorIndex:
                                         if keys is None else np.asarray(keys, dtype=np.int64)])
         self.item_rows[np.asarray(items, dtype=np.int64)] = np.arange(
             len(self.row_items) - len(items), len(self.row_items))
-        self._selections = {}
-        self._direct_map = False
-        self.matrix = self._flat_matrix()
+        self._refresh()
 
     def add(self, vectors, item_indices, platform_codes, item_keys=None):
         """Append rows to this (trained) index without retraining it; returns the row count.
 
         Appended rows are not sorted by platform: platform filters then use a bitmap
-        selector. Recall is re-measured by the caller when it matters (:meth:`measure_recall`).
+        selector. The recall stored at build is kept (``recall_rows`` says at what size).
         """
         self._append(vectors, item_indices, platform_codes, item_keys)
         self.info['rows'] = len(self)
@@ -277,54 +371,6 @@ class VectorIndex:
         self.item_rows[self.row_items] = np.arange(len(self.row_items))
 
     # ------------------------------------------------------------------ recall
-
-    def measure_recall(self, vectors, order=None, held_out=(), log=None):
-        """Measure recall@10 against an exact scan on held-out rows; store it in ``info``.
-
-        ``vectors[order[r]]`` is the vector of row ``r`` (``order`` None: row ``r`` itself).
-        The queries are up to ``recall_queries`` rows outside the training sample
-        ``held_out``; each query's own row is left out of both lists. A flat index is exact
-        by construction (recall 1). Types whose breadth is not configured get the smallest
-        breadth reaching ``target_recall`` (or the widest tried).
-        """
-        n = len(self)
-        settings = self.settings
-        if self.kind == 'flat' or n <= RECALL_K + 1:
-            self.info.update(recall_at_10=1.0, recall_queries=0, breadth=None, recall_rows=n)
-            return 1.0
-        say = log or (lambda message: None)
-        rng = np.random.default_rng(settings.seed + 1)
-        pool = np.setdiff1d(np.arange(n), np.asarray(held_out, dtype=np.int64))
-        if len(pool) < 10:
-            pool = np.arange(n)
-        queries_rows = np.sort(rng.choice(pool, size=min(len(pool), settings.recall_queries),
-                                          replace=False))
-        source = np.arange(n) if order is None else np.asarray(order)
-        queries = np.ascontiguousarray(_take(vectors, source[queries_rows]), dtype=np.float32)
-        start = time.perf_counter()
-        exact = _exact_top(vectors, source, queries, RECALL_K + 1)
-        say(f'exact top-{RECALL_K} of {len(queries)} held-out vectors in '
-            f'{time.perf_counter() - start:.1f} s')
-        truth = _drop_self(exact, queries_rows)
-        name, configured = self._breadth_setting()
-        breadths = ([configured] if configured else
-                    [b for b in _BREADTHS if b <= self._breadth_max()] or [self._breadth_max()])
-        recall, breadth, last = 0.0, breadths[-1], None
-        for step in breadths:
-            self._set_breadth(step)
-            _, found = self.index.search(queries, RECALL_K + 1)
-            got = _recall(_drop_self(found, queries_rows), truth)
-            say(f'{name} {step}: recall@{RECALL_K} {got:.3f}')
-            if last is not None and got - last[0] < 0.002:
-                break  # a plateau under the target (the codes' limit): a wider search buys nothing
-            recall, breadth, last = got, step, (got, step)
-            if got >= settings.target_recall:
-                break
-        self._set_breadth(breadth)
-        self.info.update(recall_at_10=float(recall), recall_queries=int(len(queries)),
-                         recall_rows=n, breadth=int(breadth), breadth_name=name,
-                         recall_method='held-out gallery vectors, own row excluded')
-        return recall
 
     def _breadth_setting(self):
         if self._ivf is not None:
@@ -366,9 +412,10 @@ class VectorIndex:
         """Bytes held in memory by the index (codes, lists, graph) and the row tables."""
         tables = (self.row_items.nbytes + self.item_rows.nbytes + self.row_codes.nbytes
                   + self.row_keys.nbytes)
-        if self.matrix is not None:
+        if self.kind == 'flat':
             return int(self.matrix.nbytes + tables)
-        return int(_index_bytes(self.index) + tables)
+        return int(_index_bytes(self.index) + tables
+                   + (0 if self._places is None else self._places.nbytes))
 
     def platform_selection(self, codes):
         """Return ``(lo, hi)`` when the rows of platform ``codes`` are one range, else rows.
@@ -416,10 +463,50 @@ class VectorIndex:
             return self.matrix[rows]
         if not len(rows):
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self._ivf is not None and not self._direct_map:
-            self._ivf.make_direct_map()  # row -> (list, offset), 8 bytes a row, built once
-            self._direct_map = True
-        return self.index.reconstruct_batch(np.ascontiguousarray(rows))
+        if self._ivf is None:
+            return self.index.reconstruct_batch(np.ascontiguousarray(rows))
+        return self.index.sa_decode(self._ivf_codes(rows))
+
+    def _ivf_codes(self, rows):
+        """Return the standalone codes (list number, then the list's code) of IVF rows.
+
+        FAISS decodes rows one at a time (reconstruct_batch: about 8 us a row here); reading
+        the codes out of their lists and decoding them in one ``sa_decode`` call is several
+        times faster, which is what makes scoring the rows inside a search area exactly
+        cheaper than an unfiltered search. A memory-mapped index holds all lists in one
+        mapping: the codes are gathered from it in one numpy indexing step. An index in
+        memory (being built) reads them list by list.
+        """
+        ivf = self._ivf
+        if self._places is None:
+            ivf.make_direct_map()  # row -> (list, offset): 8 bytes a row, built once
+            self._places = faiss.rev_swig_ptr(ivf.direct_map.array.data(), len(self))
+            lists = faiss.downcast_InvertedLists(ivf.invlists)
+            if isinstance(lists, faiss.OnDiskInvertedLists):
+                base = int(lists.ptr)
+                self._mapping = (faiss.rev_swig_ptr(lists.ptr, lists.totsize), np.array(
+                    [int(lists.get_codes(n)) - base for n in range(ivf.nlist)], np.int64))
+        places = self._places[rows]
+        lists, offsets = places >> 32, places & 0xFFFFFFFF
+        coarse, size = ivf.coarse_code_size(), ivf.code_size
+        codes = np.empty((len(rows), coarse + size), dtype=np.uint8)
+        codes[:, :coarse] = lists.astype('<u8').view(np.uint8).reshape(-1, 8)[:, :coarse]
+        if self._mapping is not None:
+            region, starts = self._mapping
+            codes[:, coarse:] = region[(starts[lists] + offsets * size)[:, None]
+                                       + np.arange(size)]
+            return codes
+        order = np.argsort(lists, kind='stable')
+        starts = np.flatnonzero(np.diff(lists[order], prepend=-1))
+        for group in np.split(order, starts[1:]):
+            number = int(lists[group[0]])
+            view = self._lists.get(number)
+            if view is None:
+                count = ivf.invlists.list_size(number)
+                view = self._lists[number] = faiss.rev_swig_ptr(
+                    ivf.invlists.get_codes(number), count * size).reshape(count, size)
+            codes[group, coarse:] = view[offsets[group]]
+        return codes
 
     def search(self, groups, k, rows=None):
         """Search (query vector, platform codes) groups; return (item indices, scores).
@@ -430,6 +517,10 @@ class VectorIndex:
         group to those rows, inside the search (module docstring): a filtered query still gets
         k results when k rows pass it.
         """
+        with _one_thread():
+            return self._search_groups(groups, k, rows)
+
+    def _search_groups(self, groups, k, rows):
         items, scores = [], []
         n = len(self)
         for vector, codes in groups:
@@ -445,7 +536,9 @@ class VectorIndex:
             query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
             kk = min(k, count)
             if not isinstance(selection, tuple) and count <= self.settings.exact_filter_max:
-                found, dist = _best(self.vectors(selection) @ query[0], selection, kk)
+                exact = np.concatenate([self.vectors(selection[lo:lo + _CHUNK]) @ query[0]
+                                        for lo in range(0, count, _CHUNK)])
+                found, dist = _best(exact, selection, kk)
             else:
                 found, dist = self._search(query, kk, selection, count / max(n, 1))
             items.append(self.row_items[found])
@@ -679,15 +772,6 @@ def _exact_top(vectors, source, queries, k):
         best = np.take_along_axis(merged, keep, 1)
         best_rows = np.take_along_axis(merged_rows, keep, 1)
     return best_rows
-
-
-def _drop_self(found, query_rows):
-    """Drop each query's own row from its result list; keep the first RECALL_K others."""
-    out = np.full((len(found), RECALL_K), -1, dtype=np.int64)
-    for i, (row_list, own) in enumerate(zip(found, query_rows)):
-        others = row_list[(row_list != own) & (row_list >= 0)][:RECALL_K]
-        out[i, :len(others)] = others
-    return out
 
 
 def _recall(found, truth):

@@ -429,7 +429,8 @@ def _persist_image_index(state, gallery, hashes, identity, store, summary, confi
     old_recall = (meta or {}).get('recall_at_10') if (meta or {}).get('format') == 2 else None
     new_recall = index.info['recall_at_10']
     changed = (meta or {}).get('build') != expect['build'] or meta.get('type') != index.kind
-    if (old_recall is not None and changed and new_recall < old_recall - RECALL_SLACK
+    if (old_recall is not None and new_recall is not None and changed
+            and new_recall < old_recall - RECALL_SLACK
             and not replace_index):
         summary.image_index = _index_report(
             index, 'refused',
