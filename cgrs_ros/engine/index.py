@@ -439,13 +439,6 @@ class VectorIndex:
             self._selections[codes] = found
         return found
 
-    def platform_range(self, platform):
-        """Return the (lo, hi) rows of a platform name (rows sorted by platform only)."""
-        found = self.platform_selection((PLATFORM_CODES[platform],))
-        if not isinstance(found, tuple):
-            raise ValueError('rows were appended after the build: not sorted by platform')
-        return found
-
     def rows_of_platform(self, platform):
         """Return the rows of a platform name (sorted)."""
         found = self.platform_selection((PLATFORM_CODES[platform],))
@@ -483,18 +476,21 @@ class VectorIndex:
             self._places = faiss.rev_swig_ptr(ivf.direct_map.array.data(), len(self))
             lists = faiss.downcast_InvertedLists(ivf.invlists)
             if isinstance(lists, faiss.OnDiskInvertedLists):
-                base = int(lists.ptr)
-                self._mapping = (faiss.rev_swig_ptr(lists.ptr, lists.totsize), np.array(
-                    [int(lists.get_codes(n)) - base for n in range(ivf.nlist)], np.int64))
+                base, size = int(lists.ptr), ivf.code_size
+                region = faiss.rev_swig_ptr(lists.ptr, lists.totsize)
+                # Every code_size-byte window of the mapping, so that one fancy index copies
+                # whole codes (no per-byte index array).
+                self._mapping = (np.lib.stride_tricks.sliding_window_view(region, size),
+                                 np.array([int(lists.get_codes(n)) - base
+                                           for n in range(ivf.nlist)], np.int64))
         places = self._places[rows]
         lists, offsets = places >> 32, places & 0xFFFFFFFF
         coarse, size = ivf.coarse_code_size(), ivf.code_size
         codes = np.empty((len(rows), coarse + size), dtype=np.uint8)
         codes[:, :coarse] = lists.astype('<u8').view(np.uint8).reshape(-1, 8)[:, :coarse]
         if self._mapping is not None:
-            region, starts = self._mapping
-            codes[:, coarse:] = region[(starts[lists] + offsets * size)[:, None]
-                                       + np.arange(size)]
+            windows, starts = self._mapping
+            codes[:, coarse:] = windows[starts[lists] + offsets * size]
             return codes
         order = np.argsort(lists, kind='stable')
         starts = np.flatnonzero(np.diff(lists[order], prepend=-1))
@@ -602,16 +598,6 @@ class VectorIndex:
             faiss_sha256=digest, rows_file=rows_path.name, rows_bytes=len(data),
             rows_sha256=hashlib.sha256(data).hexdigest()))
         self.sweep(path, keep=(faiss_path.name, rows_path.name))
-
-    @staticmethod
-    def files(path):
-        """Return the data files of the index at ``path`` the JSON names (or an empty list)."""
-        path = Path(path)
-        try:
-            meta = read_json(path.with_suffix('.json'))
-            return [path.parent / meta[key] for key in ('faiss_file', 'rows_file')]
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
 
     @staticmethod
     def sweep(path, keep=()):
