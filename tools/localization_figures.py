@@ -3,12 +3,13 @@
     .venv/bin/python tools/localization_figures.py [--seed 0] [--size 16] [--speed 10]
 
 What runs: the demo town (``cgrs gallery demo``), its orthophoto cut into 256 px satellite
-tiles at 0.5 m/px with 75 % overlap (a 32 m grid), indexed with config/demo_engine.yaml (the
-demo's learned image tower). Then sim_drone (downward camera + IMU) and localization_node run
-as separate ROS processes, started from the stack's NodeSpecs as ``cgrs launch sim:=true
-localization:=true`` starts them, on a ROS domain of their own; this script flies a lawnmower
-route by /goal_pose. localization_node never sees a GNSS message: sim_drone's ``fix`` is read
-here only as the ground truth, paired with each localization fix by the camera frame's stamp.
+tiles at 0.5 m/px with 87.5 % overlap (a 16 m grid; --overlap), indexed with
+config/demo_engine.yaml (the demo's learned image tower). Then sim_drone (downward camera +
+IMU) and localization_node run as separate ROS processes, started from the stack's NodeSpecs
+as ``cgrs launch sim:=true localization:=true`` starts them, on a ROS domain of their own;
+this script flies a lawnmower route by /goal_pose. localization_node never sees a GNSS
+message: sim_drone's ``fix`` is read here only as the ground truth, paired with each
+localization fix by the camera frame's stamp.
 
 Printed (and written to OUT/figures.json): localization error (median, 95th percentile, max;
 metres, fixes against the true position at the frame's time), availability (share of matched
@@ -63,9 +64,9 @@ def _args():
                         metavar='NAME=VALUE',
                         help='a localizer setting (a localization_node parameter of the same '
                              'name), e.g. --set temperature=0.01; repeatable')
-    parser.add_argument('--overlap', type=float, default=0.75,
-                        help='overlap of the 128 m satellite tiles (default 0.75: a 32 m grid; '
-                             '0.875: a 16 m grid, four times the tiles)')
+    parser.add_argument('--overlap', type=float, default=0.875,
+                        help='overlap of the 128 m satellite tiles (default 0.875: a 16 m grid; '
+                             '0.75: a 32 m grid, a quarter of the tiles)')
     parser.add_argument('--offline', action='store_true',
                         help='engine only: no ROS, frames matched one after the other')
     return parser.parse_args()
