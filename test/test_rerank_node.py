@@ -80,7 +80,10 @@ def test_feedback_per_candidate_and_the_stage_reorders(stack):
     response = probe.wait_future(handle.get_result_async(), timeout=60.0)
     result = response.result.result
     assert response.status == GoalStatus.STATUS_SUCCEEDED, result.error
-    assert _wait(lambda: 'done' in stages)
+    # Feedback is a topic and the result a service reply: 'done', sent just before the result,
+    # may land after it, and rclpy drops feedback for a goal whose result it already has
+    # (seen under load). The stages before 'publish' were sent long before the result.
+    _wait(lambda: 'done' in stages, timeout=2.0)
     rerank = [s for s in stages if s.startswith('rerank ')]
     assert rerank == [f'rerank {i}/6' for i in range(7)]
     assert stages.index('captions') < stages.index('rerank 0/6') < stages.index('publish')
