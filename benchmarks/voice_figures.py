@@ -12,7 +12,7 @@
    chunks and measures from the end of speech (the Transcript stamp: when the last voiced
    audio reached voice_node) to goal_text and to /goal_pose arriving at the probe.
 
-    .venv/bin/python benchmarks/voice_figures.py [--goals 24] [--skip-dds]
+    .venv/bin/python benchmarks/voice_figures.py [--goals 24] [--skip-dds | --skip-wer]
 """
 
 import argparse
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     parser.add_argument('--voices', default='en-us,en-us+f3,en-us+m3')
     parser.add_argument('--latency-goals', type=int, default=12)
     parser.add_argument('--skip-dds', action='store_true')
+    parser.add_argument('--skip-wer', action='store_true')
     parser.add_argument('--json', type=Path, default=None, help='also write the figures here')
     return parser.parse_args(argv)
 
@@ -174,7 +175,7 @@ def main(argv=None):
           f'{os.getloadavg()[0]:.1f}; demo world {args.world}', flush=True)
     with tempfile.TemporaryDirectory(prefix='cgrs-voice-') as folder:
         work = Path(folder)
-        figures = {'wer': wer_figures(args, work)}
+        figures = {} if args.skip_wer else {'wer': wer_figures(args, work)}
         if not args.skip_dds:
             figures['dds'] = dds_latency(args, work)
     figures['load'] = os.getloadavg()[0]

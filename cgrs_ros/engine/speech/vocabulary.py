@@ -20,6 +20,11 @@ from cgrs_ros.engine.errors import GalleryError
 # How spoken goals start; part of the language model so "fly to ..." is expected.
 COMMAND_PHRASES = ('fly to', 'go to', 'take me to', 'navigate to', 'head to', 'move to',
                    'find', 'show me', 'i want to go to', 'fly over to', 'go over to')
+# Probability mass the trigram model keeps for unseen word sequences (ArpaBoLM's default is
+# 0.5). Spoken goals follow the gallery's phrasing closely: chosen on validation goals (other
+# sentences than those the figures report), mean WER over three espeak voices 0.5: 13.2%,
+# 0.35: 10.5%, 0.2: 8.7%, 0.1: 8.4%; 0.2 leaves more room for phrasings the gallery lacks.
+DISCOUNT_MASS = 0.2
 _NUMBER = re.compile(r'\d+(?:\.\d+)?')
 _SENTENCE_END = re.compile(r'[.!?;]+(?:\s|$)')
 
@@ -89,7 +94,8 @@ class Vocabulary:
         import io
 
         from pocketsphinx.lm import ArpaBoLM
-        model = ArpaBoLM(text='\n'.join(self.sentences) + '\n', add_start=True)
+        model = ArpaBoLM(text='\n'.join(self.sentences) + '\n', add_start=True,
+                         discount_mass=DISCOUNT_MASS)
         model.compute()
         out = io.StringIO()
         model.write(out)
