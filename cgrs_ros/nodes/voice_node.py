@@ -202,10 +202,11 @@ class VoiceNode(Node):
                 return result
             if time.monotonic() > give_up:
                 self._listener.cancel(listening, 'no audio arrived; is the audio source running?')
-            stats = self._listener.stats
-            goal_handle.publish_feedback(Listen.Feedback(
-                state=listening.state, level_db=float(stats['level_db']),
-                speech_s=float(listening.speech_s)))
+            state = listening.state  # read once: the worker may finish it meanwhile
+            if state != 'done':
+                goal_handle.publish_feedback(Listen.Feedback(
+                    state=state, level_db=float(self._listener.stats['level_db']),
+                    speech_s=float(listening.speech_s)))
         if listening.result is not None:
             result.transcript = self._transcript_msg(listening.result)
             goal_handle.succeed()

@@ -281,7 +281,4 @@ def make_recogniser(section, vocabulary=None):
     if settings.backend not in _BACKENDS:
         raise ConfigError(f'speech.backend {settings.backend!r} is unknown; use one of '
                           f'{", ".join(BACKENDS)}')
-    if settings.backend == 'openai' and not settings.model:
-        raise ConfigError('speech.model is empty; set it to the model name the transcription '
-                          'server serves (e.g. whisper-1 or Systran/faster-whisper-small)')
     return _BACKENDS[settings.backend](settings, vocabulary)
