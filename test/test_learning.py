@@ -333,6 +333,35 @@ def _cgrs(*args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def test_a_checkpoint_interrupted_between_weights_and_json_keeps_the_previous_one(
+        tmp_path, monkeypatch):
+    """Killed after the new weights are written but before the JSON: the JSON still names the
+    previous epoch's weights, so a resume restarts from a consistent epoch."""
+    from cgrs_ros.engine.learning import trainer
+
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    trainer.save_checkpoint(tmp_path, module, optimizer, {'epoch': 1})
+    first = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        module.weight.add_(1.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt('killed while writing the JSON')
+    monkeypatch.setattr(trainer, 'atomic_write_json', killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(tmp_path, module, optimizer, {'epoch': 2})
+    monkeypatch.undo()
+    model, _, info = trainer.load_checkpoint(tmp_path)
+    assert info['epoch'] == 1
+    assert torch.equal(model['weight'], first['weight'])
+    trainer.save_checkpoint(tmp_path, module, optimizer, {'epoch': 2})
+    model, _, info = trainer.load_checkpoint(tmp_path)
+    assert info['epoch'] == 2 and torch.equal(model['weight'], module.weight.detach())
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == [
+        'last-e2.safetensors', 'last.json']
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(toy, tmp_path):
     config = tmp_path / 'train.yaml'
     settings = dict(TINY, **{'train.epochs': 40})

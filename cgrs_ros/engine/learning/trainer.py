@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+import re
 import time
 
 from cgrs_ros.engine.errors import CgrsError
@@ -260,7 +261,12 @@ def _unflatten_optimizer(tensors, meta):
 
 
 def save_checkpoint(out_dir, module, optimizer, info, name='last'):
-    """Write ``checkpoints/<name>.safetensors`` (model + optimizer) and ``<name>.json``."""
+    """Write ``checkpoints/<name>-e<epoch>.safetensors`` (model + optimizer), then ``<name>.json``.
+
+    The JSON names its weights file and is replaced last, so a run killed at any point leaves
+    a JSON whose weights are the ones it describes (the previous epoch's until the new JSON is
+    in place); weights files no JSON names any more are removed afterwards.
+    """
     from safetensors.torch import save_file
 
     folder = Path(out_dir) / CHECKPOINT_DIR
@@ -269,10 +275,13 @@ def save_checkpoint(out_dir, module, optimizer, info, name='last'):
                for k, v in module.state_dict().items()}
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
-    with atomic_replace(folder / f'{name}.safetensors') as tmp:
+    weights = f'{name}-e{info["epoch"]}.safetensors'
+    with atomic_replace(folder / weights) as tmp:
         save_file(tensors, tmp)
-    # The JSON is written last: a checkpoint counts only when its JSON names its weights.
-    atomic_write_json(folder / f'{name}.json', dict(info, optimizer=opt_meta))
+    atomic_write_json(folder / f'{name}.json', dict(info, optimizer=opt_meta, weights=weights))
+    for stale in folder.glob(f'{name}*.safetensors'):
+        if stale.name != weights and re.fullmatch(rf'{name}(-e\d+)?\.safetensors', stale.name):
+            stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(out_dir, name='last'):
@@ -280,11 +289,15 @@ def load_checkpoint(out_dir, name='last'):
     from safetensors.torch import load_file
 
     folder = Path(out_dir) / CHECKPOINT_DIR
-    meta_path, weights = folder / f'{name}.json', folder / f'{name}.safetensors'
-    if not meta_path.is_file() or not weights.is_file():
+    meta_path = folder / f'{name}.json'
+    if not meta_path.is_file():
         return None
+    weights = folder / f'{name}.safetensors'  # checkpoints written before the JSON named it
     try:
         info = json.loads(meta_path.read_text(encoding='utf-8'))
+        weights = folder / Path(info.pop('weights', weights.name)).name
+        if not weights.is_file():
+            return None
         tensors = load_file(str(weights))
     except Exception as exc:  # a damaged file: say which and how to get past it
         raise TrainingError(f'checkpoint {weights} cannot be read ({exc}); delete '
