@@ -7,6 +7,7 @@ dependency does not take the other subcommands down.
 """
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -57,6 +58,10 @@ def _register_unavailable(subparsers, name, exc):
     parser.set_defaults(func=unavailable)
 
 
+# A full disk, a quota or a file-size limit: the user's to fix, not a bug to trace back.
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def main(argv=None):
     """Entry point of the ``cgrs`` console script; returns the process exit code."""
     parser = build_parser()
@@ -68,6 +73,14 @@ def main(argv=None):
         return int(args.func(args) or 0)
     except CgrsError as exc:
         print(f'cgrs {args.command}: error: {exc}', file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in OUT_OF_SPACE:
+            raise
+        # Stores and indexes are written atomically and checkpointed: nothing finished is lost.
+        print(f'cgrs {args.command}: error: cannot write {exc.filename or "a file"} '
+              f'({exc.strerror}); free disk space (or raise the file-size limit) and run the '
+              'same command again: finished work is kept and the run resumes', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f'cgrs {args.command}: interrupted', file=sys.stderr)

@@ -41,9 +41,12 @@ opens in the time its checksum takes. Rows are appended to a trained index witho
 """
 
 import contextlib
+import errno
 import hashlib
 import math
+import os
 from pathlib import Path
+import re
 import secrets
 import time
 from typing import Literal, Optional
@@ -141,10 +144,22 @@ def item_digests(keys):
                     dtype=np.int64)
 
 
+_ERRNO_OF = {os.strerror(code): code for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)}
+
+
 def write_faiss_index(index, path):
     """Write a FAISS index atomically (temp file, fsync, rename); return (bytes, SHA-256)."""
     with atomic_replace(path) as tmp:
-        faiss.write_index(index, tmp)
+        try:
+            faiss.write_index(index, tmp)
+        except RuntimeError as exc:
+            # FAISS reports a failed write (a full disk, a file-size limit) as a RuntimeError
+            # naming the C++ check; say it as the OS error it is, so the CLI words it.
+            reason = re.search(r'\(([^()]*)\)\s*$', str(exc))
+            if 'write error' not in str(exc):
+                raise
+            raise OSError(errno.EIO if reason is None else _ERRNO_OF.get(reason[1], errno.EIO),
+                          reason[1] if reason else 'write error', str(path)) from None
         written = (Path(tmp).stat().st_size, sha256_file(tmp))
     return written
 
