@@ -137,7 +137,18 @@ def test_drone_flies_to_the_goal_and_reports_its_fix(drone):
     assert status['target'] == {'x': 120.0, 'y': -80.0, 'z': FAST['cruise_altitude']}
     assert status['distance_m'] <= FAST['arrival_tolerance']
 
-    time.sleep(0.3)  # let a few more odometry messages arrive after the arrival
+    # Status and odometry are separate topics: the odometry of the arrival can be read after
+    # the status that reports it (seen in CI: the newest odometry 0.3 s later was still from
+    # the last turn), so wait for it rather than for a fixed time.
+    def holding(h):
+        if not h['odom']:
+            return False
+        pose = h['odom'][-1].pose.pose
+        return (math.dist((pose.position.x, pose.position.y), (120.0, -80.0))
+                <= FAST['arrival_tolerance']
+                and abs(_yaw(pose.orientation) - math.pi / 2) < math.radians(3.0))
+    probe.wait_for(holding, 'odometry at the goal, facing its yaw', proc, log, timeout=10.0)
+    time.sleep(0.3)  # a few more odometry messages: the drone stays there
     with probe.lock:
         odoms, fixes = list(probe.heard['odom']), list(probe.heard['fix'])
     odom = odoms[-1]
