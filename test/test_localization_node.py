@@ -34,6 +34,7 @@ import pytest
 from rclpy.qos import qos_profile_sensor_data
 from ros_probe import RosProbe
 from sensor_msgs.msg import CompressedImage, NavSatFix
+import yaml
 
 pytestmark = pytest.mark.ros
 
@@ -65,13 +66,9 @@ def _params(folder, town, tiles):
                               'rate': 2.0, 'prior.latitude': lat, 'prior.longitude': lon,
                               'prior.radius_m': 100.0},
     }
-    lines = []
-    for node, values in sections.items():
-        lines += [f'/**/{node}:', '  ros__parameters:']
-        lines += [f'    {k}: "{v}"' if isinstance(v, str) else f'    {k}: {v!r}'
-                  for k, v in values.items()]
     path = folder / 'params.yaml'
-    path.write_text('\n'.join(lines) + '\n')
+    path.write_text(yaml.safe_dump({f'/**/{node}': {'ros__parameters': values}
+                                    for node, values in sections.items()}, sort_keys=False))
     return path
 
 

@@ -33,6 +33,8 @@ import tempfile
 import threading
 import time
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -208,13 +210,9 @@ def _params_file(out, args, town, start):
                               'prior.longitude': lon, 'prior.radius_m': 100.0},
     }
     sections['localization_node'].update(localizer_settings(args))
-    lines = []
-    for node, values in sections.items():
-        lines += [f'/**/{node}:', '  ros__parameters:']
-        lines += [f'    {k}: "{v}"' if isinstance(v, str) else f'    {k}: {v!r}'
-                  for k, v in values.items()]
     path = out / 'params.yaml'
-    path.write_text('\n'.join(lines) + '\n')
+    path.write_text(yaml.safe_dump({f'/**/{node}': {'ros__parameters': values}
+                                    for node, values in sections.items()}, sort_keys=False))
     return path, scene
 
 
